@@ -1,0 +1,56 @@
+"""Times causal GQA attention (forward + backward) at the training shape for every backend
+train_gpt.py can use, and prints the fastest as BEST=<name>.
+
+    python3 bench/attention_backends.py            # B=48, T=2048, 8 query / 4 KV heads, D=64
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+
+def time_backend(backend, B=48, T=2048, H=8, Hkv=4, D=64, iters=20):
+    if backend == "fa3" and tg.flash_attn_3 is None:
+        return None
+    model = tg.GPT(tg.Hyperparameters(attention_backend=backend, num_layers=1)).cuda()
+    tg.configure_attention(model, tg.Hyperparameters(attention_backend=backend), torch.device("cuda"))
+    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    fn = torch.compile(lambda q, k, v: tg.causal_attention(q, k, v, backend), fullgraph=True)
+    reference = tg.causal_attention(q.float(), k.float(), v.float(), "math")
+    out = fn(q, k, v)
+    err = ((out.float() - reference).norm() / reference.norm()).item()
+    grad = torch.randn_like(out)
+    for _ in range(3):
+        fn(q, k, v).backward(grad)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn(q, k, v).backward(grad)
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / iters
+    flops = 3.5 * 2 * 2 * B * H * T * T * D / 2  # fwd (2 matmuls, causal half) + bwd (2.5x)
+    return ms, err, flops / ms / 1e9
+
+
+if __name__ == "__main__":
+    results = {}
+    for backend in ("fa3", "cudnn", "flash", "efficient"):
+        try:
+            r = time_backend(backend)
+        except Exception as e:  # a backend the build or GPU lacks
+            print(f"{backend:10s} unavailable: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        if r is None:
+            print(f"{backend:10s} not installed")
+            continue
+        ms, err, tflops = r
+        results[backend] = ms
+        print(f"{backend:10s} {ms:7.2f} ms fwd+bwd  rel.err {err:.1e}  {tflops:6.1f} TFLOP/s")
+    print(f"BEST={min(results, key=results.get)}")

@@ -1,0 +1,103 @@
+"""Hyperparameters: defaults, environment overrides, and every rejection names its variable."""
+
+import dataclasses
+
+import pytest
+
+import train_gpt as tg
+
+
+def test_defaults_match_the_record():
+    h = tg.Hyperparameters.from_env({})
+    assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult, h.vocab_size) == (11, 512, 8, 4, 4, 8192)
+    assert (h.rope_dims, h.qk_gain_init, h.logit_softcap, h.parallel_from_layer) == (16, 5.25, 30.0, 7)
+    assert (h.loop_start, h.loop_end, h.num_loops, h.loop_start_frac) == (3, 5, 2, 0.35)
+    assert (h.muon_lr, h.muon_momentum, h.muon_wd, h.embed_lr, h.scalar_lr) == (0.022, 0.99, 0.095, 0.03, 0.02)
+    assert (h.train_batch_tokens, h.train_seq_len, h.grad_clip_norm, h.ema_decay) == (786432, 2048, 0.3, 0.9965)
+    assert (h.eval_seq_len, h.eval_stride, h.ttt_chunk_tokens, h.ttt_lr, h.ttt_epochs) == (2048, 64, 32768, 0.005, 3)
+    assert (h.matrix_bits, h.matrix_clip_k, h.embed_bits, h.embed_clip_k) == (6, 12.85, 8, 20.0)
+    h.validate(world_size=8)
+    assert h.accum_steps(8) == 1 and h.accum_steps(1) == 8 and h.accum_steps(2) == 4
+
+
+def test_every_field_is_overridable_by_its_upper_case_name():
+    env = {}
+    for f in dataclasses.fields(tg.Hyperparameters):
+        default = getattr(tg.Hyperparameters(), f.name)
+        if f.metadata.get("choices"):
+            env[f.name.upper()] = f.metadata["choices"][-1]
+        elif isinstance(default, bool):
+            env[f.name.upper()] = "0" if default else "1"
+        elif isinstance(default, (int, float)):
+            env[f.name.upper()] = str(default + 1 if f.metadata.get("hi") is None else default)
+        else:
+            env[f.name.upper()] = "override"
+    h = tg.Hyperparameters.from_env(env)
+    for f in dataclasses.fields(h):
+        value = getattr(h, f.name)
+        assert str(value) == env[f.name.upper()] or value == tg._parse_value(f.name.upper(), env[f.name.upper()], f.type)
+
+
+def test_overrides_are_typed():
+    h = tg.Hyperparameters.from_env({"NUM_LAYERS": "9", "MUON_LR": "0.05", "COMPILE": "false", "RUN_ID": "abc", "EVAL_ONLY": "1"})
+    assert h.num_layers == 9 and isinstance(h.num_layers, int)
+    assert h.muon_lr == 0.05 and h.compile is False and h.run_id == "abc" and h.eval_only is True
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"NUM_LAYERS": "eleven"}, "NUM_LAYERS='eleven': expected an integer"),
+        ({"NUM_LAYERS": "1.5"}, "NUM_LAYERS='1.5': expected an integer"),
+        ({"MUON_LR": "fast"}, "MUON_LR='fast': expected a number"),
+        ({"MUON_LR": "nan"}, "MUON_LR='nan': must be finite"),
+        ({"MUON_LR": "-0.1"}, "MUON_LR=-0.1: must be >= 0"),
+        ({"NUM_LAYERS": "0"}, "NUM_LAYERS=0: must be >= 1"),
+        ({"MAX_WALLCLOCK_SECONDS": "0"}, "MAX_WALLCLOCK_SECONDS=0.0: must be > 0"),
+        ({"MUON_MOMENTUM": "1.5"}, "MUON_MOMENTUM=1.5: must be <= 0.9999"),
+        ({"LOOP_START_FRAC": "2"}, "LOOP_START_FRAC=2.0: must be <= 1"),
+        ({"MATRIX_BITS": "9"}, "MATRIX_BITS=9: must be <= 8"),
+        ({"COMPILE": "maybe"}, "COMPILE='maybe': expected a boolean"),
+        ({"COMPRESSOR": "gzip"}, "COMPRESSOR='gzip': must be one of brotli, zstd, lzma"),
+        ({"ATTENTION_BACKEND": "xformers"}, "ATTENTION_BACKEND='xformers': must be one of"),
+    ],
+)
+def test_bad_values_name_the_variable(env, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.").replace("+", r"\+")):
+        tg.Hyperparameters.from_env(env)
+
+
+@pytest.mark.parametrize(
+    "env, world_size, message",
+    [
+        ({}, 3, "WORLD_SIZE=3: must divide 8"),
+        ({}, 16, "WORLD_SIZE=16: must divide 8"),
+        ({"NUM_HEADS": "7"}, 1, "NUM_HEADS=7: must divide MODEL_DIM=512"),
+        ({"NUM_KV_HEADS": "3"}, 1, "NUM_KV_HEADS=3: must divide NUM_HEADS=8"),
+        ({"ROPE_DIMS": "15"}, 1, "ROPE_DIMS=15: must be even"),
+        ({"ROPE_DIMS": "66"}, 1, "ROPE_DIMS=66: must be even and <= head dim 64"),
+        ({"LOOP_START": "6", "LOOP_END": "5"}, 1, "LOOP_START=6, LOOP_END=5"),
+        ({"LOOP_END": "11"}, 1, "LOOP_END=11: need"),
+        ({"PARALLEL_FROM_LAYER": "12"}, 1, "PARALLEL_FROM_LAYER=12"),
+        ({"GPTQ_RESERVE_SECONDS": "700"}, 1, "GPTQ_RESERVE_SECONDS=700.0: must be < MAX_WALLCLOCK_SECONDS"),
+        ({"TRAIN_BATCH_TOKENS": "786000"}, 1, "TRAIN_BATCH_TOKENS=786000: must be a multiple of"),
+        ({"GRAD_ACCUM_STEPS": "5"}, 1, "TRAIN_BATCH_TOKENS=786432: must be a multiple of world size 1 x GRAD_ACCUM_STEPS 5"),
+        ({"EVAL_STRIDE": "100"}, 1, "EVAL_STRIDE=100: must divide EVAL_SEQ_LEN=2048"),
+        ({"TTT_CHUNK_TOKENS": "3000"}, 1, "TTT_CHUNK_TOKENS=3000: must be a multiple of EVAL_SEQ_LEN"),
+        ({"TTT_BATCH_SEQS": "3"}, 1, "TTT_BATCH_SEQS=3: must divide the 16 sequences"),
+        ({"TTT_BATCH_SEQS": "4"}, 8, "TTT_BATCH_SEQS=4: must be a multiple of world size 8"),
+        ({"ATTENTION_BACKEND": "fa3"}, 1, "ATTENTION_BACKEND=fa3: flash_attn_interface is not importable"),
+    ],
+)
+def test_incompatible_combinations_name_the_variable(env, world_size, message):
+    if "fa3" in message and tg.flash_attn_3 is not None:
+        pytest.skip("flash_attn_interface is installed here")
+    h = tg.Hyperparameters.from_env(env)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        h.validate(world_size)
+
+
+def test_world_size_two_with_same_global_batch_is_valid():
+    h = tg.Hyperparameters.from_env({})
+    h.validate(2)
+    assert h.train_batch_tokens // (2 * h.accum_steps(2) * h.train_seq_len) == 48

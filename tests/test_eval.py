@@ -1,0 +1,137 @@
+"""Evaluation rules: every target scored exactly once from its prefix only; TTT trains only on
+tokens already scored; the byte total is the text's; ranks agree."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import tiny_hyperparameters
+from distributed import run_distributed
+
+SEQ, STRIDE, CHUNK = 32, 8, 128
+MODES = {
+    "plain": dict(stride=None, ttt=None),
+    "sliding": dict(stride=STRIDE, ttt=None),
+    "ttt": dict(stride=STRIDE, ttt=tg.TTTConfig(chunk_tokens=CHUNK, lr=0.05, momentum=0.9, epochs=2, batch_seqs=2, grad_clip=1.0)),
+}
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    h = tiny_hyperparameters(eval_seq_len=SEQ)
+    model = tg.GPT(h)
+    for p in model.parameters():
+        p.data.normal_(0, 0.15)
+    model.looping = True
+    return model
+
+
+def _stream(tiny_data, windows=20):
+    _, sp = tiny_data
+    root, _ = tiny_data
+    h = tiny_hyperparameters(data_dir=str(root))
+    tokens = tg.load_validation_tokens(tg.find_shards(h, "val"), SEQ, h.vocab_size)
+    return tokens[: SEQ * windows + 1], tg.build_byte_tables(sp)
+
+
+def _evaluate(model, tokens, tables, mode, rt, **kw):
+    return tg.evaluate(model, tokens, tables, SEQ, MODES[mode]["stride"], 4, rt, MODES[mode]["ttt"], **kw)
+
+
+def test_window_plans_cover_every_target_once():
+    for stride in (None, 8, 32):
+        covered = np.zeros(320, int)
+        for start, scored in tg.window_plan(320, 32, stride):
+            first = start + 32 - scored
+            assert first >= start  # scored targets lie inside the window
+            covered[first : first + scored] += 1
+        assert (covered == 1).all()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_target_scored_once_and_bytes_match(tiny_data, cpu_runtime, mode):
+    tokens, tables = _stream(tiny_data)
+    r = _evaluate(_model(), tokens, tables, mode, cpu_runtime, return_token_nll=True)
+    assert r.tokens == len(tokens) - 1
+    assert not torch.isnan(r.token_nll).any()
+    assert math.isclose(r.nll_sum, r.token_nll.sum().item(), rel_tol=1e-9)
+    assert r.byte_sum == tables.target_bytes(tokens[:-1], tokens[1:]).sum().item()
+    assert r.bpb == pytest.approx(r.nll_sum / math.log(2) / r.byte_sum)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_changing_future_tokens_changes_no_earlier_score(tiny_data, cpu_runtime, mode):
+    tokens, tables = _stream(tiny_data)
+    model = _model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    base = _evaluate(model, tokens, tables, mode, cpu_runtime, return_token_nll=True).token_nll
+    for t in (40, 200, 457):  # tokens after position t change; targets at positions <= t must not
+        model.load_state_dict(state)  # TTT modified the weights
+        changed = tokens.clone()
+        changed[t + 1 :] = (changed[t + 1 :] * 7 + 3) % 320
+        nll = _evaluate(model, changed, tables, mode, cpu_runtime, return_token_nll=True).token_nll
+        assert torch.equal(nll[:t], base[:t]), f"a score at position <= {t} moved"  # target k is position k+1
+        assert not torch.equal(nll[t:], base[t:])
+        model.load_state_dict(state)
+
+
+def test_ttt_trains_only_on_already_scored_tokens(tiny_data, cpu_runtime):
+    tokens, tables = _stream(tiny_data)
+    trace = []
+    _evaluate(_model(), tokens, tables, "ttt", cpu_runtime, trace=trace)
+    scored_until = 0
+    trained = 0
+    for event, lo, hi in trace:
+        if event == "score":
+            assert lo == scored_until  # chunks scored in order, none skipped or repeated
+            scored_until = hi
+        else:
+            assert hi <= scored_until, f"trained on targets up to {hi} with only {scored_until} scored"
+            trained += 1
+    assert scored_until == len(tokens) - 1
+    num_chunks = math.ceil((len(tokens) - 1) / CHUNK)
+    assert trained == (num_chunks - 1) * 2 * (CHUNK // SEQ // 2)  # epochs x batches, never after the last chunk
+
+
+def test_ttt_changes_later_chunks_only(tiny_data, cpu_runtime):
+    tokens, tables = _stream(tiny_data)
+    sliding = _evaluate(_model(), tokens, tables, "sliding", cpu_runtime, return_token_nll=True).token_nll
+    ttt = _evaluate(_model(), tokens, tables, "ttt", cpu_runtime, return_token_nll=True).token_nll
+    assert torch.equal(ttt[:CHUNK], sliding[:CHUNK])  # first chunk: scored before any training
+    assert not torch.allclose(ttt[CHUNK:], sliding[CHUNK:])
+
+
+def test_ttt_with_zero_epochs_equals_sliding_exactly(tiny_data, cpu_runtime):
+    tokens, tables = _stream(tiny_data)
+    sliding = _evaluate(_model(), tokens, tables, "sliding", cpu_runtime)
+    cfg = tg.TTTConfig(chunk_tokens=CHUNK, lr=0.05, momentum=0.9, epochs=0, batch_seqs=2, grad_clip=1.0)
+    ttt = tg.evaluate(_model(), tokens, tables, SEQ, STRIDE, 4, cpu_runtime, cfg)
+    assert (ttt.nll_sum, ttt.byte_sum, ttt.tokens) == (sliding.nll_sum, sliding.byte_sum, sliding.tokens)
+
+
+def test_sliding_scores_with_more_context_than_plain(tiny_data, cpu_runtime):
+    tokens, tables = _stream(tiny_data)
+    plain = _evaluate(_model(), tokens, tables, "plain", cpu_runtime, return_token_nll=True).token_nll
+    sliding = _evaluate(_model(), tokens, tables, "sliding", cpu_runtime, return_token_nll=True).token_nll
+    assert torch.equal(plain[:SEQ], sliding[:SEQ])  # the first window is the same in both
+    assert not torch.allclose(plain[SEQ:], sliding[SEQ:])
+
+
+def _evaluate_on_rank(rank, world_size, mode, tokens, tables):
+    rt = tg.Runtime(rank, world_size, 0, torch.device("cpu"))
+    r = _evaluate(_model().double(), tokens, tables, mode, rt)
+    return r.nll_sum, r.byte_sum, r.tokens
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_two_ranks_give_the_same_totals(tiny_data, cpu_runtime, mode):
+    """In float64 (autocast leaves it alone) the split across ranks changes nothing but the
+    order of summation; in bf16 the per-rank batch shapes add rounding noise (~1e-5)."""
+    tokens, tables = _stream(tiny_data)
+    single = _evaluate(_model().double(), tokens, tables, mode, cpu_runtime)
+    for nll, nbytes, count in run_distributed(_evaluate_on_rank, 2, mode, tokens, tables):
+        assert count == single.tokens and nbytes == single.byte_sum
+        assert nll == pytest.approx(single.nll_sum, rel=1e-9)

@@ -1,0 +1,206 @@
+"""Muon, gradients, schedule, EMA, compile warm-up restore and the wallclock guard."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import train_gpt as tg
+from conftest import tiny_hyperparameters
+from distributed import run_distributed
+
+
+def test_newton_schulz_output_is_near_orthogonal():
+    for shape in [(64, 64), (32, 128), (128, 32)]:
+        G = torch.randn(3, *shape)
+        X = tg.newton_schulz_orthogonalize(G, steps=5).double()
+        s = torch.linalg.svdvals(X)
+        _assert_near_orthogonal(s)
+        # and keeps the singular vectors: X ~ U V^T of G
+        U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+        assert torch.nn.functional.cosine_similarity((U @ Vh).flatten(1), X.flatten(1)).min() > 0.97
+
+
+def _assert_near_orthogonal(s):
+    """The quintic iteration maps singular values into about [0.7, 1.2]; only the few tiny
+    ones of the input (a random square matrix has some) stay below."""
+    assert s.max() < 1.25
+    assert torch.quantile(s.flatten(), 0.05) > 0.6
+
+
+def _muon_setup(world_size=1, rank=0, seed=0):
+    torch.manual_seed(seed)
+    fused = nn.Parameter(torch.randn(96, 32))  # three 32x32 matrices stacked, like qkv
+    wide = nn.Parameter(torch.randn(32, 64))
+    tall = nn.Parameter(torch.randn(64, 32))
+    matrices = [(fused, slice(0, 32)), (fused, slice(32, 64)), (fused, slice(64, 96)), (wide, slice(None)), (tall, slice(None))]
+    for p in (fused, wide, tall):
+        p.grad = torch.randn_like(p)
+    muon = tg.Muon(matrices, lr=0.1, weight_decay=0.0, ns_steps=5, rank=rank, world_size=world_size)
+    muon.momentum = 0.9
+    return muon, (fused, wide, tall), matrices
+
+
+def test_muon_update_is_row_normalised_orthogonal_and_scaled():
+    muon, params, matrices = _muon_setup()
+    before = [p.detach().clone() for p in params]
+    grads = [p.grad.clone() for p in params]
+    muon.step(lr_mult=1.0)
+    owners = [0, 0, 0, 1, 2]  # fused qkv is three matrices
+    for (p, rows), i in zip(matrices, owners):
+        update = (before[i][rows] - p.detach()[rows]) / 0.1
+        r, c = update.shape
+        s = torch.linalg.svdvals(update.double()) / math.sqrt(max(1.0, r / c))
+        _assert_near_orthogonal(s)
+        # reference: first step, momentum buffer = g, Nesterov u = g + 0.9 g; unit rows; NS; scale
+        u = 1.9 * grads[i][rows]
+        u = u / u.norm(dim=-1, keepdim=True)
+        expected = tg.newton_schulz_orthogonalize(u[None], 5)[0].float() * math.sqrt(max(1.0, r / c))
+        assert torch.allclose(update, expected, atol=2e-2), (rows, (update - expected).abs().max())
+
+
+def test_muon_decoupled_weight_decay():
+    muon, params, _ = _muon_setup()
+    for p in params:
+        p.grad.zero_()
+    muon.weight_decay = 0.5
+    before = [p.detach().clone() for p in params]
+    muon.step(lr_mult=0.5)  # zero gradient: the update is pure decay by lr * wd
+    for p, b in zip(params, before):
+        assert torch.allclose(p.detach(), b * (1 - 0.1 * 0.5 * 0.5))
+
+
+def _muon_on_rank(rank, world_size):
+    muon, params, _ = _muon_setup(world_size, rank)
+    for _ in range(3):
+        muon.step(lr_mult=1.0)
+    return [p.detach().clone() for p in params]
+
+
+def test_sharded_muon_matches_single_rank():
+    single = _muon_on_rank(0, 1)
+    for result in run_distributed(_muon_on_rank, 2):
+        for a, b in zip(result, single):
+            assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_grad_buffer_views_clip_and_zero():
+    model = nn.Linear(4, 3)
+    buf = tg.GradBuffer(list(model.parameters()))
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    model(torch.randn(5, 4)).pow(2).sum().backward()  # accumulates in place
+    assert model.weight.grad.data_ptr() == buf.flat.data_ptr()
+    norm = buf.clip_(0.5)
+    assert norm > 0.5 and abs(buf.flat.norm().item() - 0.5) < 1e-5
+    buf.zero_()
+    assert model.weight.grad.abs().sum() == 0 and model.bias.grad.abs().sum() == 0
+
+
+def test_parameter_split_covers_everything_once():
+    model = tg.GPT(tiny_hyperparameters())
+    matrices, embed, scalars = tg.split_parameters(model)
+    matrix_params = {id(p) for p, _ in matrices}
+    ids = [id(p) for p in embed + scalars] + list(matrix_params)
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert len(matrices) == 6 * 4 and all(p.ndim == 2 for p, _ in matrices)
+    assert embed == [model.tok_emb.weight]
+
+
+def test_lr_schedule_flat_then_linear_warmdown():
+    assert tg.lr_multiplier(0.0, 0.72, 0.0) == 1.0
+    assert tg.lr_multiplier(0.28, 0.72, 0.0) == pytest.approx(1.0)
+    assert tg.lr_multiplier(0.64, 0.72, 0.0) == pytest.approx(0.5)
+    assert tg.lr_multiplier(1.0, 0.72, 0.0) == 0.0
+    assert tg.lr_multiplier(1.0, 0.72, 0.1) == pytest.approx(0.1)
+    assert tg.lr_multiplier(0.5, 0.0, 0.0) == 1.0
+
+
+def test_muon_momentum_warmup():
+    h = tg.Hyperparameters()
+    assert tg.muon_momentum_at(0, h) == pytest.approx(0.92)
+    assert tg.muon_momentum_at(750, h) == pytest.approx(0.955)
+    assert tg.muon_momentum_at(5000, h) == pytest.approx(0.99)
+
+
+def test_ema_is_the_power_weighted_average_of_iterates():
+    p = nn.Parameter(torch.zeros(3))
+    ema = tg.WeightEMA([p], decay=0.9999, power=2.0)
+    ema.steps = 0
+    iterates = []
+    for t in range(1, 41):
+        p.data.fill_(float(t))  # iterate t
+        iterates.append(float(t))
+        ema.update()
+    weights = torch.tensor([s**2 for s in range(1, 41)], dtype=torch.float64)
+    expected = (weights * torch.tensor(iterates, dtype=torch.float64)).sum() / weights.sum()
+    # (1 - 1/t)^(power+1) is the discrete power-function EMA: close to the exact weighted mean
+    assert abs(ema.shadow[0][0].item() - expected.item()) < 0.02 * expected.item()
+
+
+def test_ema_of_a_short_run_forgets_the_initialisation():
+    p = nn.Parameter(torch.full((4,), 100.0))  # a bad initialisation
+    ema = tg.WeightEMA([p], decay=0.9965, power=15.0)
+    for _ in range(180):
+        p.data.fill_(1.0)  # training moved away at once
+        ema.update()
+    raw = ema.swap_in()
+    assert torch.allclose(p.detach(), torch.ones(4), atol=1e-6)  # a fixed 0.9965 EMA would hold ~53
+    assert torch.equal(raw[0], torch.ones(4))
+
+
+def test_ema_decay_is_capped():
+    p = nn.Parameter(torch.zeros(1))
+    ema = tg.WeightEMA([p], decay=0.5, power=15.0)
+    for _ in range(100):
+        ema.update()
+    p.data.fill_(1.0)
+    ema.update()
+    assert ema.shadow[0].item() == pytest.approx(0.5)
+
+
+def test_stop_reason():
+    assert tg.stop_reason(10, 50.0, 1.0, 100.0, 1000) is None
+    assert "ITERATIONS=10" in tg.stop_reason(10, 50.0, 1.0, 100.0, 10)
+    assert tg.stop_reason(5, 98.0, 1.0, 100.0, 1000) is None
+    assert tg.stop_reason(5, 99.0, 1.0, 100.0, 1000).startswith("wallclock")  # 99 + 1.05 > 100
+
+
+def _tiny_training(tmp_path, tiny_data, **overrides):
+    root, _ = tiny_data
+    h = tiny_hyperparameters(data_dir=str(root), **overrides)
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"))
+    h.validate(1)
+    files = tg.find_shards(h, "train")
+    seqs = h.train_batch_tokens // (h.accum_steps(1) * h.train_seq_len)
+    make_loader = lambda: tg.TrainLoader(files, h.train_seq_len, seqs, 0, 1, h.seed, h.vocab_size, rt.device)
+    model = tg.GPT(h)
+    return h, rt, model, tg.Optimizers(model, h, rt), make_loader
+
+
+def test_wallclock_guard_stops_inside_the_budget(tmp_path, tiny_data):
+    h, rt, model, opt, make_loader = _tiny_training(tmp_path, tiny_data, max_wallclock_seconds=2.0, gptq_reserve_seconds=0.5)
+    lines = []
+    result = tg.train(model, opt, tg.WeightEMA(list(model.parameters()), h.ema_decay, h.ema_power), make_loader(), h, rt, lines.append)
+    assert result.stop_reason.startswith("wallclock") and result.steps > 3
+    assert result.seconds <= 1.5  # MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS
+    assert any("stopped after" in l and "wallclock" in l for l in lines)
+    assert any("depth recurrence on" in l for l in lines)  # switched on at 35% of the budget
+    assert model.looping
+
+
+def test_warm_up_restores_model_and_optimizer_state(tmp_path, tiny_data):
+    h, rt, model, opt, make_loader = _tiny_training(tmp_path, tiny_data, warmup_steps=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tg.warm_up(model, opt, h, rt, make_loader, lambda msg: None)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not opt.adam.state and all(b["momentum"].abs().sum() == 0 for b in opt.muon.banks)
+    assert not model.looping
+    # a step after warm-up is the same as a step without warm-up
+    _, _, fresh, fresh_opt, _ = _tiny_training(tmp_path, tiny_data)
+    fresh.load_state_dict(before)
+    for m, o in ((model, opt), (fresh, fresh_opt)):
+        tg.train_step(m, o, make_loader(), h, rt, h.accum_steps(1), 1.0, 0.95)
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k

@@ -1,0 +1,1557 @@
+"""Parameter Golf: train the language model that compresses FineWeb best.
+
+One file, read top to bottom in pipeline order:
+
+    1. config      Hyperparameters (every field overridable by its UPPER_CASE env variable)
+    2. runtime     distributed setup, logging, stage timing
+    3. data        shard format, training loader, validation tokens, byte accounting
+    4. model       11-block recurrent transformer (XSA, partial RoPE, parallel residuals, U-Net skips)
+    5. optimizer   Muon (row-normalised, batched Newton-Schulz, sharded across ranks) + AdamW
+    6. training    schedule, EMA, compile warm-up, wallclock guard, train loop
+    7. quantize    Hessians on training data, GPTQ with SDClip row scales
+    8. serialize   flat artifact layout, byte shuffle, brotli, self-extracting code, 16 MB guard
+    9. evaluate    plain, sliding window, score-first test-time training
+   10. main
+
+Launch:  torchrun --standalone --nproc_per_node=8 train_gpt.py
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import dataclasses
+import json
+import lzma
+import math
+import os
+import platform
+import struct
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # FlashAttention-3 (Hopper) when installed; otherwise PyTorch SDPA.
+    from flash_attn_interface import flash_attn_func as flash_attn_3
+except ImportError:
+    flash_attn_3 = None
+
+# ---------------------------------------------------------------------------------------------
+# 1. Config
+# ---------------------------------------------------------------------------------------------
+
+
+def _param(default, lo=None, hi=None, choices=None, lo_open=False):
+    """A hyperparameter: its default and the range its environment override must fall in."""
+    return field(default=default, metadata=dict(lo=lo, hi=hi, choices=choices, lo_open=lo_open))
+
+
+@dataclass
+class Hyperparameters:
+    # run and data
+    run_id: str = _param("")  # default: a fresh id shared by all ranks
+    seed: int = _param(1337)
+    data_dir: str = _param("./data/")
+    vocab_size: int = _param(8192, lo=2)
+    log_dir: str = _param("logs")
+    artifact_path: str = _param("final_model.pgq")
+    eval_only: bool = _param(False)  # evaluate ARTIFACT_PATH without training
+    compile: bool = _param(True)  # torch.compile the blocks and the loss head
+    attention_backend: str = _param("auto", choices=("auto", "fa3", "cudnn", "flash", "efficient", "math"))
+    # training budget and batch
+    max_wallclock_seconds: float = _param(600.0, lo=0, lo_open=True)
+    gptq_reserve_seconds: float = _param(12.0, lo=0)  # kept for GPTQ calibration inside the budget
+    iterations: int = _param(20000, lo=1)
+    warmup_steps: int = _param(20, lo=0)  # compile warm-up before the clock; state restored after
+    train_batch_tokens: int = _param(786432, lo=1)
+    train_seq_len: int = _param(2048, lo=2)
+    grad_accum_steps: int = _param(0, lo=0)  # 0: 8 // world size
+    log_every: int = _param(50, lo=1)
+    # model
+    num_layers: int = _param(11, lo=1)
+    model_dim: int = _param(512, lo=1)
+    num_heads: int = _param(8, lo=1)
+    num_kv_heads: int = _param(4, lo=1)
+    mlp_mult: int = _param(4, lo=1)
+    rope_dims: int = _param(16, lo=0)
+    rope_base: float = _param(10000.0, lo=0, lo_open=True)
+    qk_gain_init: float = _param(5.25, lo=0, lo_open=True)
+    logit_softcap: float = _param(30.0, lo=0, lo_open=True)
+    tied_embed_init_std: float = _param(0.005, lo=0, lo_open=True)
+    parallel_from_layer: int = _param(7, lo=0)
+    loop_start: int = _param(3, lo=0)
+    loop_end: int = _param(5, lo=0)
+    num_loops: int = _param(2, lo=0)  # extra passes over layers loop_start..loop_end
+    loop_start_frac: float = _param(0.35, lo=0, hi=1)
+    # optimizer
+    muon_lr: float = _param(0.022, lo=0)
+    muon_momentum: float = _param(0.99, lo=0, hi=0.9999)
+    muon_momentum_start: float = _param(0.92, lo=0, hi=0.9999)
+    muon_momentum_warmup_steps: int = _param(1500, lo=0)
+    muon_wd: float = _param(0.095, lo=0)
+    muon_ns_steps: int = _param(5, lo=1)
+    embed_lr: float = _param(0.03, lo=0)
+    embed_wd: float = _param(0.085, lo=0)
+    scalar_lr: float = _param(0.02, lo=0)
+    scalar_wd: float = _param(0.02, lo=0)
+    adam_beta1: float = _param(0.9, lo=0, hi=0.9999)
+    adam_beta2: float = _param(0.95, lo=0, hi=0.99999)
+    adam_eps: float = _param(1e-8, lo=0, lo_open=True)
+    grad_clip_norm: float = _param(0.3, lo=0)  # 0 disables clipping
+    warmdown_frac: float = _param(0.72, lo=0, hi=1)
+    min_lr_frac: float = _param(0.0, lo=0, hi=1)
+    ema_decay: float = _param(0.9965, lo=0, hi=1)
+    ema_power: float = _param(15.0, lo=0)  # early on the EMA averages iterates with weights ~ step^power
+    # quantization and artifact
+    gptq_calib_seqs: int = _param(64, lo=1)
+    gptq_block_size: int = _param(128, lo=1)
+    gptq_damp: float = _param(0.01, lo=0, lo_open=True)
+    matrix_bits: int = _param(6, lo=2, hi=8)
+    matrix_clip_k: float = _param(12.85, lo=0, lo_open=True)
+    embed_bits: int = _param(8, lo=2, hi=8)
+    embed_clip_k: float = _param(20.0, lo=0, lo_open=True)
+    passthrough_max_numel: int = _param(65536, lo=0)
+    compressor: str = _param("brotli", choices=("brotli", "zstd", "lzma"))
+    compress_level: int = _param(11, lo=0, hi=22)  # brotli 0-11, zstd 1-22, lzma 0-9
+    compress_chunks: int = _param(16, lo=1)  # compressed in parallel threads
+    pack_code: bool = _param(False)  # count a self-extracting lzma copy of this file as the code
+    # evaluation
+    eval_seq_len: int = _param(2048, lo=2)
+    eval_stride: int = _param(64, lo=1)
+    eval_batch_seqs: int = _param(32, lo=1)
+    ttt_enabled: bool = _param(True)
+    ttt_chunk_tokens: int = _param(32768, lo=1)
+    ttt_lr: float = _param(0.005, lo=0)
+    ttt_momentum: float = _param(0.9, lo=0, hi=0.9999)
+    ttt_epochs: int = _param(3, lo=0)
+    ttt_batch_seqs: int = _param(16, lo=1)  # global sequences per TTT optimizer step
+    ttt_grad_clip: float = _param(1.0, lo=0)
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Hyperparameters":
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse_value(f.name.upper(), raw, f.type)
+        h = cls(**values)
+        h.check_ranges()
+        return h
+
+    def check_ranges(self):
+        for f in dataclasses.fields(self):
+            name, value, meta = f.name.upper(), getattr(self, f.name), f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ValueError(f"{name}={value!r}: must be one of {', '.join(meta['choices'])}")
+            lo, hi = meta.get("lo"), meta.get("hi")
+            if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+                raise ValueError(f"{name}={value!r}: must be {'>' if meta.get('lo_open') else '>='} {lo}")
+            if hi is not None and value > hi:
+                raise ValueError(f"{name}={value!r}: must be <= {hi}")
+
+    def validate(self, world_size: int):
+        """Cross-field checks; every message names the variable to change."""
+
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+
+        need(8 % world_size == 0, f"WORLD_SIZE={world_size}: must divide 8 (1, 2, 4 or 8 GPUs)")
+        need(self.model_dim % self.num_heads == 0, f"NUM_HEADS={self.num_heads}: must divide MODEL_DIM={self.model_dim}")
+        need(self.num_heads % self.num_kv_heads == 0, f"NUM_KV_HEADS={self.num_kv_heads}: must divide NUM_HEADS={self.num_heads}")
+        head_dim = self.model_dim // self.num_heads
+        need(self.rope_dims % 2 == 0 and self.rope_dims <= head_dim, f"ROPE_DIMS={self.rope_dims}: must be even and <= head dim {head_dim}")
+        need(self.loop_start <= self.loop_end < self.num_layers, f"LOOP_START={self.loop_start}, LOOP_END={self.loop_end}: need LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
+        need(self.parallel_from_layer <= self.num_layers, f"PARALLEL_FROM_LAYER={self.parallel_from_layer}: must be <= NUM_LAYERS={self.num_layers}")
+        need(self.gptq_reserve_seconds < self.max_wallclock_seconds, f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds}: must be < MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
+        accum = self.accum_steps(world_size)
+        per_micro = world_size * accum * self.train_seq_len
+        need(self.train_batch_tokens % per_micro == 0, f"TRAIN_BATCH_TOKENS={self.train_batch_tokens}: must be a multiple of world size {world_size} x GRAD_ACCUM_STEPS {accum} x TRAIN_SEQ_LEN {self.train_seq_len} = {per_micro}")
+        need(self.eval_seq_len % self.eval_stride == 0, f"EVAL_STRIDE={self.eval_stride}: must divide EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(self.ttt_chunk_tokens % self.eval_seq_len == 0, f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: must be a multiple of EVAL_SEQ_LEN={self.eval_seq_len}")
+        chunk_seqs = self.ttt_chunk_tokens // self.eval_seq_len
+        need(chunk_seqs % self.ttt_batch_seqs == 0, f"TTT_BATCH_SEQS={self.ttt_batch_seqs}: must divide the {chunk_seqs} sequences of a TTT chunk")
+        need(self.ttt_batch_seqs % world_size == 0, f"TTT_BATCH_SEQS={self.ttt_batch_seqs}: must be a multiple of world size {world_size}")
+        if self.attention_backend == "fa3":
+            need(flash_attn_3 is not None, "ATTENTION_BACKEND=fa3: flash_attn_interface is not importable")
+
+    def accum_steps(self, world_size: int) -> int:
+        return self.grad_accum_steps or max(1, 8 // world_size)
+
+
+def _parse_value(name: str, raw: str, type_name: str):
+    kind = {"int": int, "float": float, "bool": bool, "str": str}[type_name]
+    text = raw.strip()
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}={raw!r}: expected a boolean (1/0/true/false)")
+    if kind is str:
+        return raw
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{name}={raw!r}: must be finite")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Runtime: distributed setup, logging, timing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_runtime() -> Runtime:
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return Runtime(rank, world, local_rank, device)
+
+
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Logger:
+    """Prints on rank 0 and appends to logs/<run_id>.txt."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, msg: str = ""):
+        if self.path is None:
+            return
+        print(msg, flush=True)
+        with self.path.open("a") as f:
+            f.write(msg + "\n")
+
+
+class StageTimer:
+    """Times the pipeline's stages (synchronising the device) and logs each one."""
+
+    def __init__(self, log: Logger, device: torch.device):
+        self.log, self.device, self.seconds = log, device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.seconds[name] = time.perf_counter() - t0
+        self.log(f"stage {name}: {self.seconds[name]:.2f}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Data
+# ---------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+SHARD_HEADER_BYTES = 4 * SHARD_HEADER_INTS
+BOS_ID = 1
+
+
+def write_shard(path: Path, tokens: np.ndarray):
+    """Writes tokens in the challenge's shard format (used by tests and data tools)."""
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def read_shard(path: Path) -> np.memmap:
+    """Memory-maps a shard's tokens after checking magic, version and size."""
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    count = int(header[2])
+    if count < 0 or size != SHARD_HEADER_BYTES + 2 * count:
+        raise ValueError(f"{path}: header says {count} tokens ({SHARD_HEADER_BYTES + 2 * count} bytes) but the file has {size} bytes")
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
+
+
+def dataset_dir(h: Hyperparameters) -> Path:
+    return Path(h.data_dir) / "datasets" / f"fineweb10B_sp{h.vocab_size}"
+
+
+def tokenizer_path(h: Hyperparameters) -> Path:
+    return Path(h.data_dir) / "tokenizers" / f"fineweb_{h.vocab_size}_bpe.model"
+
+
+def find_shards(h: Hyperparameters, split: str) -> list[Path]:
+    directory = dataset_dir(h)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"dataset directory {directory} not found (set DATA_DIR and VOCAB_SIZE; download with data/cached_challenge_fineweb.py --variant sp{h.vocab_size})")
+    files = sorted(directory.glob(f"fineweb_{split}_*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no {directory}/fineweb_{split}_*.bin shards found")
+    return files
+
+
+def rank_spans(files: list[Path], rank: int, world_size: int) -> list[tuple[Path, int, int]]:
+    """The disjoint (file, start, end) token ranges a rank trains on: whole shards dealt
+    round-robin, or, with fewer shards than ranks, an equal slice of every shard."""
+    if len(files) >= world_size:
+        return [(f, 0, len(read_shard(f))) for f in files[rank::world_size]]
+    spans = []
+    for f in files:
+        n = len(read_shard(f))
+        spans.append((f, n * rank // world_size, n * (rank + 1) // world_size))
+    return spans
+
+
+class TrainLoader:
+    """Yields micro-batches of whole training sequences for one rank.
+
+    Each epoch cuts every span into sequences of seq_len+1 tokens at a random phase and
+    visits all of them in one random order (equivalent to drawing across spans in
+    proportion to what remains). Deterministic given the seed and rank; memory-mapped.
+    """
+
+    def __init__(self, files, seq_len, batch_seqs, rank, world_size, seed, vocab_size, device):
+        self.spans = [(read_shard(f), lo, hi) for f, lo, hi in rank_spans(files, rank, world_size)]
+        self.seq_len, self.batch_seqs, self.vocab_size, self.device = seq_len, batch_seqs, vocab_size, device
+        self.rng = np.random.default_rng([seed, rank])
+        self.epoch, self.order, self.cursor = 0, np.empty((0, 2), np.int64), 0
+
+    def _new_epoch(self):
+        parts = []
+        for i, (_, lo, hi) in enumerate(self.spans):
+            starts = np.arange(lo + self.rng.integers(self.seq_len), hi - self.seq_len, self.seq_len)
+            parts.append(np.stack([np.full_like(starts, i), starts], axis=1))
+        order = np.concatenate(parts)
+        if len(order) == 0:
+            raise ValueError(f"training shards hold no sequence of TRAIN_SEQ_LEN+1={self.seq_len + 1} tokens for this rank")
+        self.order, self.cursor, self.epoch = order[self.rng.permutation(len(order))], 0, self.epoch + 1
+
+    def next_sequences(self) -> np.ndarray:
+        out = np.empty((self.batch_seqs, self.seq_len + 1), dtype=np.int32)
+        for row in range(self.batch_seqs):
+            if self.cursor == len(self.order):
+                self._new_epoch()
+            span, start = self.order[self.cursor]
+            self.cursor += 1
+            out[row] = self.spans[span][0][start : start + self.seq_len + 1]
+        if out.max() >= self.vocab_size:
+            raise ValueError(f"training token id {out.max()} >= VOCAB_SIZE={self.vocab_size}")
+        return out
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs = torch.from_numpy(self.next_sequences())
+        if self.device.type == "cuda":
+            seqs = seqs.pin_memory().to(self.device, non_blocking=True)
+        seqs = seqs.long()
+        return seqs[:, :-1], seqs[:, 1:]
+
+
+def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> torch.Tensor:
+    """All validation shards concatenated, cut to a multiple of seq_len plus one token."""
+    tokens = np.concatenate([np.asarray(read_shard(f)) for f in files])
+    if tokens.max() >= vocab_size:
+        raise ValueError(f"validation token id {tokens.max()} >= VOCAB_SIZE={vocab_size}")
+    usable = (len(tokens) - 1) // seq_len * seq_len + 1
+    if usable < seq_len + 1:
+        raise ValueError(f"validation has {len(tokens)} tokens, fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
+    return torch.from_numpy(tokens[:usable].astype(np.int64))
+
+
+def load_tokenizer(path: Path, vocab_size: int):
+    import sentencepiece as spm
+
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} not found (set DATA_DIR and VOCAB_SIZE)")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    if sp.vocab_size() != vocab_size:
+        raise ValueError(f"VOCAB_SIZE={vocab_size} but tokenizer {path} has {sp.vocab_size()} pieces")
+    return sp
+
+
+@dataclass
+class ByteTables:
+    """Per token id: UTF-8 bytes of the piece without its leading '▁', whether it has one,
+    and whether it is a boundary (control/unknown/unused) token."""
+
+    base_bytes: torch.Tensor  # int64 [V]
+    leading_space: torch.Tensor  # bool [V]
+    is_boundary: torch.Tensor  # bool [V]
+
+    def to(self, device) -> "ByteTables":
+        return ByteTables(*(t.to(device) for t in (self.base_bytes, self.leading_space, self.is_boundary)))
+
+    def target_bytes(self, prev_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """Bytes of each target token in the original text: its piece bytes, plus one for a
+        leading space unless it follows a boundary token (where the space was not in the text)."""
+        space = self.leading_space[target_ids] & ~self.is_boundary[prev_ids]
+        return self.base_bytes[target_ids] + space.long()
+
+
+def build_byte_tables(sp) -> ByteTables:
+    n = sp.vocab_size()
+    base, space, boundary = np.zeros(n, np.int64), np.zeros(n, bool), np.zeros(n, bool)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            space[i] = piece.startswith("\u2581")
+            base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+    return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Model
+# ---------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def virtual_layer_order(num_layers: int, loop_start: int, loop_end: int, num_loops: int) -> list[int]:
+    """Physical block of each virtual layer: blocks loop_start..loop_end run 1 + num_loops times."""
+    loop = list(range(loop_start, loop_end + 1))
+    return list(range(loop_start)) + loop * (1 + num_loops) + list(range(loop_end + 1, num_layers))
+
+
+class PartialRotary(nn.Module):
+    """RoPE on the first rope_dims of each head; NTK-style base rescale past the training length."""
+
+    def __init__(self, rope_dims: int, base: float, train_seq_len: int):
+        super().__init__()
+        self.rope_dims, self.base, self.train_seq_len = rope_dims, base, train_seq_len
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, H, D]
+        if self.rope_dims == 0:
+            return x
+        T, half = x.size(1), self.rope_dims // 2
+        base = self.base
+        if T > self.train_seq_len and self.rope_dims > 2:
+            base *= (T / self.train_seq_len) ** (self.rope_dims / (self.rope_dims - 2))
+        inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+        angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
+        cos, sin = angles.cos()[None, :, None, :].to(x.dtype), angles.sin()[None, :, None, :].to(x.dtype)
+        x1, x2, rest = x[..., :half], x[..., half : self.rope_dims], x[..., self.rope_dims :]
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+
+
+def causal_attention(q, k, v, backend: str) -> torch.Tensor:
+    """q: [B, T, H, D]; k, v: [B, T, Hkv, D] (grouped-query). Returns [B, T, H, D]."""
+    if backend == "fa3":
+        out = flash_attn_3(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if backend == "cudnn":  # cuDNN wants equal head counts
+        groups = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+
+
+def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: remove from each head's output its component along its own position's value vector,
+    y <- y - (y.v_hat) v_hat, where query head h reads KV group h // (H / Hkv)."""
+    B, T, H, D = y.shape
+    y = y.view(B, T, v.size(2), H // v.size(2), D)
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+    y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
+    return y.view(B, T, H, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
+        self.head_dim = h.model_dim // h.num_heads
+        self.qkv = nn.Linear(h.model_dim, (h.num_heads + 2 * h.num_kv_heads) * self.head_dim, bias=False)
+        self.proj = nn.Linear(h.model_dim, h.model_dim, bias=False)
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        self.rotary = PartialRotary(h.rope_dims, h.rope_base, h.train_seq_len)
+        self.backend = "math"  # set by configure_attention
+
+    def qkv_row_blocks(self) -> list[slice]:
+        """Row ranges of q, k and v inside the fused qkv weight."""
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.num_heads * self.head_dim, *(2 * [self.num_kv_heads * self.head_dim])], dim=-1)
+        q = q.reshape(B, T, self.num_heads, self.head_dim)
+        k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
+        q, k = rms_norm(q).type_as(v), rms_norm(k).type_as(v)
+        q, k = self.rotary(q), self.rotary(k)
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        y = exclusive_self_attention(causal_attention(q, k, v, self.backend), v)
+        return self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.fc = nn.Linear(h.model_dim, h.mlp_mult * h.model_dim, bias=False)
+        self.proj = nn.Linear(h.mlp_mult * h.model_dim, h.model_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+
+
+class Block(nn.Module):
+    """Pre-norm block with a learned mix of the residual stream and the block-0 input,
+    per-channel branch scales and a layerwise norm scale 1/sqrt(layer+1). From
+    parallel_from_layer on, attention and MLP read the same input (GPT-J style)."""
+
+    def __init__(self, h: Hyperparameters, layer: int):
+        super().__init__()
+        self.attn, self.mlp = Attention(h), MLP(h)
+        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(h.model_dim), torch.zeros(h.model_dim)]))
+        self.parallel = layer >= h.parallel_from_layer
+        self.register_buffer("norm_scale", torch.tensor(1.0 / math.sqrt(layer + 1)), persistent=False)
+
+    def forward(self, x, x0, skip=None, skip_weight=None, skip_gate=None):
+        if skip is not None:  # U-Net skip: lerp towards the weighted encoder activation
+            x = torch.lerp(skip_weight * skip, x, torch.sigmoid(skip_gate))
+        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        if self.parallel:
+            n = rms_norm(x) * self.norm_scale
+            return x + self.attn_scale * self.attn(n) + self.mlp_scale * self.mlp(n)
+        x = x + self.attn_scale * self.attn(rms_norm(x) * self.norm_scale)
+        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale)
+
+
+class SoftcapTokenLoss(nn.Module):
+    """Cross-entropy of tied-embedding logits softcapped at c: c * tanh(z / c), in fp32."""
+
+    def __init__(self, softcap: float):
+        super().__init__()
+        self.softcap = softcap
+
+    def forward(self, hidden, weight, targets, reduction: str = "mean"):
+        logits = F.linear(hidden, weight).float()
+        logits = self.softcap * torch.tanh(logits / self.softcap)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+
+
+class GPT(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.h = h
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
+        num_skips = len(virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops)) // 2
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))
+        self.token_loss = SoftcapTokenLoss(h.logit_softcap)
+        self.looping = False  # depth recurrence on/off (switched during training)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self):
+        if self.tok_emb.weight.is_meta:  # built only for its names and shapes
+            return
+        nn.init.normal_(self.tok_emb.weight, std=self.h.tied_embed_init_std)
+        for block in self.blocks:
+            for rows in block.attn.qkv_row_blocks():
+                nn.init.orthogonal_(block.attn.qkv.weight[rows])
+            nn.init.orthogonal_(block.mlp.fc.weight)
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp.proj.weight)
+
+    def layer_order(self) -> list[int]:
+        h = self.h
+        return virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops if self.looping else 0)
+
+    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [B, T, C]. The first half of the virtual layers push their
+        outputs on a stack; the second half pop them as U-Net skips."""
+        x = x0 = rms_norm(self.tok_emb(ids))
+        order = self.layer_order()
+        num_encoder = len(order) // 2
+        skips = []
+        for i, layer in enumerate(order):
+            if i < num_encoder:
+                x = self.blocks[layer](x, x0)
+                skips.append(x)
+            elif skips:
+                j = i - num_encoder
+                x = self.blocks[layer](x, x0, skips.pop(), self.skip_weights[j], self.skip_gates[j])
+            else:
+                x = self.blocks[layer](x, x0)
+        return rms_norm(x)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.token_loss(self.hidden_states(ids), self.tok_emb.weight, targets)
+
+    def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token negative log-likelihood (nats), shaped like targets."""
+        return self.token_loss(hidden, self.tok_emb.weight, targets, "none").view(targets.shape)
+
+
+def configure_attention(model: GPT, h: Hyperparameters, device: torch.device) -> str:
+    """Picks the attention kernel: FA3 when importable, else the requested/fastest SDPA backend."""
+    backend = h.attention_backend
+    if device.type != "cuda":
+        backend = "math"
+    elif backend == "auto":
+        backend = "fa3" if flash_attn_3 is not None else "cudnn"
+    if backend not in ("fa3", "math"):  # leave SDPA exactly one fused kernel to choose
+        torch.backends.cuda.enable_cudnn_sdp(backend == "cudnn")
+        torch.backends.cuda.enable_flash_sdp(backend == "flash")
+        torch.backends.cuda.enable_mem_efficient_sdp(backend == "efficient")
+    for block in model.blocks:
+        block.attn.backend = backend
+    return backend
+
+
+def compile_model(model: GPT):
+    """Regional compilation: each block and the loss head compile once per variant
+    (sequential/parallel, with/without skip, grad/no-grad, looping shapes) and are reused
+    across layers, which keeps compile time far below compiling the unrolled model."""
+    torch._dynamo.config.cache_size_limit = 64  # train + eval + TTT variants exceed the default 8
+    for block in model.blocks:
+        block.compile(dynamic=False, fullgraph=True)
+    model.token_loss.compile(dynamic=False, fullgraph=True)
+
+
+def matrix_flops_params(h: Hyperparameters) -> int:
+    d, hd = h.model_dim, h.model_dim // h.num_heads
+    return d * (h.num_heads + 2 * h.num_kv_heads) * hd + d * d + 2 * h.mlp_mult * d * d
+
+
+def flops_per_token(h: Hyperparameters, num_virtual_layers: int) -> float:
+    """Training FLOPs per token: 6 N for the matrices (blocks as run, plus the output head)
+    and 12 L d T for attention (the PaLM convention, as the reference's MFU figure)."""
+    n = num_virtual_layers * matrix_flops_params(h) + h.vocab_size * h.model_dim
+    return 6 * n + 12 * num_virtual_layers * h.model_dim * h.train_seq_len
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+def newton_schulz_orthogonalize(G: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximate U V^T of each matrix in a stack [n, r, c] by the quintic Newton-Schulz
+    iteration (coefficients 3.4445, -4.7750, 2.0315), in bf16."""
+    X = G.bfloat16()
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.mT if transposed else X
+
+
+class Muon:
+    """Muon with row normalisation (MuonEq-R) and decoupled weight decay.
+
+    Matrices of the same shape form a bank and are orthogonalised together in one batched
+    Newton-Schulz call. Each rank computes the updates of its share of every bank; one
+    all-gather per bank gives every rank all updates.
+    """
+
+    def __init__(self, matrices: list[tuple[nn.Parameter, slice]], lr, weight_decay, ns_steps, rank, world_size):
+        self.lr, self.weight_decay, self.ns_steps, self.momentum = lr, weight_decay, ns_steps, 0.0
+        self.rank, self.world_size = rank, world_size
+        by_shape: dict[tuple, list] = {}
+        for p, rows in matrices:
+            shape = tuple(p[rows].shape)
+            by_shape.setdefault(shape, []).append((p, rows))
+        self.banks = []
+        for shape, members in by_shape.items():
+            share = math.ceil(len(members) / world_size)
+            mine = members[rank * share : (rank + 1) * share]
+            self.banks.append(dict(shape=shape, members=members, share=share, mine=mine, momentum=torch.zeros(len(mine), *shape, device=members[0][0].device)))
+
+    @torch.no_grad()
+    def step(self, lr_mult: float):
+        lr = self.lr * lr_mult
+        for bank in self.banks:
+            rows_, cols_ = bank["shape"]
+            updates = torch.zeros(bank["share"] * self.world_size, rows_, cols_, dtype=torch.bfloat16, device=bank["momentum"].device)
+            if bank["mine"]:
+                g = torch.stack([p.grad[rows] for p, rows in bank["mine"]])
+                m = bank["momentum"]
+                m.mul_(self.momentum).add_(g)
+                u = g.add(m, alpha=self.momentum)  # Nesterov
+                u = u / (u.norm(dim=-1, keepdim=True) + 1e-7)  # MuonEq-R: unit rows first
+                u = newton_schulz_orthogonalize(u, self.ns_steps) * math.sqrt(max(1.0, rows_ / cols_))
+                lo = self.rank * bank["share"]
+                updates[lo : lo + len(bank["mine"])] = u
+            if self.world_size > 1:
+                mine = updates[self.rank * bank["share"] : (self.rank + 1) * bank["share"]].clone()
+                dist.all_gather_into_tensor(updates, mine)
+            params = [p[rows] for p, rows in bank["members"]]
+            torch._foreach_mul_(params, 1.0 - lr * self.weight_decay)
+            torch._foreach_add_(params, list(updates[: len(params)].float().unbind(0)), alpha=-lr)
+
+    def state_dict(self):
+        return [bank["momentum"].clone() for bank in self.banks]
+
+    def load_state_dict(self, state):
+        for bank, m in zip(self.banks, state):
+            bank["momentum"].copy_(m)
+
+
+class GradBuffer:
+    """All gradients as views of one flat fp32 buffer: one all-reduce, one norm, one zeroing."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+        offset = 0
+        for p in params:
+            p.grad = self.flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def average_across_ranks(self):
+        if dist.is_initialized():
+            dist.all_reduce(self.flat, op=dist.ReduceOp.AVG)
+
+    def clip_(self, max_norm: float) -> torch.Tensor:
+        norm = self.flat.norm()
+        if max_norm > 0:
+            self.flat.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return norm
+
+    def zero_(self):
+        self.flat.zero_()
+
+
+def split_parameters(model: GPT):
+    """Muon gets the block matrices (q, k, v as separate matrices of the fused qkv weight);
+    AdamW gets the tied embedding and everything small."""
+    matrices, scalars = [], []
+    matrix_params = set()
+    for block in model.blocks:
+        matrices += [(block.attn.qkv.weight, rows) for rows in block.attn.qkv_row_blocks()]
+        for p in (block.attn.proj.weight, block.mlp.fc.weight, block.mlp.proj.weight):
+            matrices.append((p, slice(None)))
+        matrix_params |= {id(block.attn.qkv.weight), id(block.attn.proj.weight), id(block.mlp.fc.weight), id(block.mlp.proj.weight)}
+    for p in model.parameters():
+        if id(p) not in matrix_params and p is not model.tok_emb.weight:
+            scalars.append(p)
+    return matrices, [model.tok_emb.weight], scalars
+
+
+class Optimizers:
+    def __init__(self, model: GPT, h: Hyperparameters, rt: Runtime):
+        matrices, embed, scalars = split_parameters(model)
+        self.muon = Muon(matrices, h.muon_lr, h.muon_wd, h.muon_ns_steps, rt.rank, rt.world_size)
+        groups = [dict(params=embed, lr=h.embed_lr, weight_decay=h.embed_wd, base_lr=h.embed_lr), dict(params=scalars, lr=h.scalar_lr, weight_decay=h.scalar_wd, base_lr=h.scalar_lr)]
+        self.adam = torch.optim.AdamW(groups, betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, fused=rt.device.type == "cuda")
+        self.grads = GradBuffer(list(model.parameters()))
+
+    def step(self, lr_mult: float, muon_momentum: float, clip_norm: float) -> torch.Tensor:
+        self.grads.average_across_ranks()
+        norm = self.grads.clip_(clip_norm)
+        self.muon.momentum = muon_momentum
+        self.muon.step(lr_mult)
+        for g in self.adam.param_groups:
+            g["lr"] = g["base_lr"] * lr_mult
+        self.adam.step()
+        self.grads.zero_()
+        return norm
+
+    def state_dict(self):
+        return dict(muon=self.muon.state_dict(), adam=copy.deepcopy(self.adam.state_dict()))
+
+    def load_state_dict(self, state):
+        self.muon.load_state_dict(state["muon"])
+        self.adam.load_state_dict(state["adam"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Training
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_multiplier(frac: float, warmdown_frac: float, min_lr_frac: float) -> float:
+    """Flat, then linear warmdown over the last warmdown_frac of the time budget."""
+    if warmdown_frac <= 0 or frac < 1 - warmdown_frac:
+        return 1.0
+    return min_lr_frac + (1 - min_lr_frac) * max(0.0, 1 - frac) / warmdown_frac
+
+
+def muon_momentum_at(step: int, h: Hyperparameters) -> float:
+    t = min(1.0, step / h.muon_momentum_warmup_steps) if h.muon_momentum_warmup_steps else 1.0
+    return h.muon_momentum_start + t * (h.muon_momentum - h.muon_momentum_start)
+
+
+class WeightEMA:
+    """EMA of the weights whose decay grows with the step: beta_t = min(decay, (1 - 1/t)^(power+1)).
+
+    Until the cap binds this is exactly the average of all iterates weighted by step^power
+    (Karras et al. 2024, power-function EMA), so the initial weights never dominate a short
+    run, which a fixed decay of 0.9965 does for the first ~thousand steps.
+    """
+
+    def __init__(self, params: list[nn.Parameter], decay: float, power: float):
+        self.params, self.decay, self.power, self.steps = params, decay, power, 0
+        self.shadow = [p.detach().clone().float() for p in params]
+
+    @torch.no_grad()
+    def update(self):
+        self.steps += 1
+        beta = min(self.decay, (1 - 1 / self.steps) ** (self.power + 1))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - beta)
+
+    @torch.no_grad()
+    def swap_in(self) -> list[torch.Tensor]:
+        """Loads the EMA weights into the model; returns the raw weights."""
+        raw = [p.detach().clone() for p in self.params]
+        torch._foreach_copy_([p.detach() for p in self.params], self.shadow)
+        return raw
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def train_step(model, optimizers, loader, h, rt, accum, lr_mult, momentum) -> torch.Tensor:
+    total = torch.zeros((), device=rt.device)
+    for _ in range(accum):
+        x, y = loader.next_batch()
+        with autocast(rt.device):
+            loss = model(x, y)
+        (loss / accum).backward()
+        total += loss.detach()
+    optimizers.step(lr_mult, momentum, h.grad_clip_norm)
+    return total / accum
+
+
+def warm_up(model, optimizers, h, rt, make_loader, log):
+    """Runs warm-up steps (half of them with depth recurrence) so that both compiled graphs
+    exist before the clock starts, then restores the initial model and optimizer state."""
+    if h.warmup_steps == 0:
+        return
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = optimizers.state_dict()
+    loader, accum = make_loader(), h.accum_steps(rt.world_size)
+    for i in range(h.warmup_steps):
+        model.looping = h.num_loops > 0 and i >= h.warmup_steps // 2
+        t0 = time.perf_counter()
+        loss = train_step(model, optimizers, loader, h, rt, accum, 1.0, h.muon_momentum_start)
+        log(f"warmup step {i + 1}/{h.warmup_steps} looping={model.looping} loss={loss.item():.4f} {time.perf_counter() - t0:.1f}s")
+    model.load_state_dict(saved_model)
+    optimizers.load_state_dict(saved_opt)
+    model.looping = False
+
+
+def agreed_elapsed(t0: float, rt: Runtime) -> float:
+    """Rank 0's clock, so every rank takes the same schedule and stop decisions."""
+    synchronize(rt.device)
+    t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=rt.device)
+    if rt.distributed:
+        dist.broadcast(t, 0)
+    return t.item()
+
+
+def stop_reason(step: int, elapsed: float, last_step_seconds: float, budget: float, iterations: int) -> str | None:
+    """Why training must stop before the next step, or None. The next step is assumed to take
+    as long as the last one plus 5%, so the loop never runs past the budget."""
+    if step >= iterations:
+        return f"reached ITERATIONS={iterations}"
+    if elapsed + 1.05 * last_step_seconds > budget:
+        return f"wallclock: {elapsed:.1f}s elapsed, next step (~{last_step_seconds:.2f}s) would pass the {budget:.1f}s budget"
+    return None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    stop_reason: str
+    tokens_per_second: dict
+
+
+def train(model, optimizers, ema, loader, h, rt, log) -> TrainResult:
+    """Time-based schedule: progress = elapsed / (MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS).
+    Stops before a step that would end past that budget (predicted from the last step)."""
+    budget = h.max_wallclock_seconds - h.gptq_reserve_seconds
+    accum = h.accum_steps(rt.world_size)
+    tokens_per_step = h.train_batch_tokens
+    peak = peak_flops(rt.device)
+    phase_tokens, phase_seconds = {False: 0, True: 0}, {False: 0.0, True: 0.0}
+    step, elapsed, last_step_seconds, loss_sum, window_t, window_steps = 0, 0.0, 0.0, None, 0.0, 0
+    log(f"training: budget {budget:.1f}s (MAX_WALLCLOCK_SECONDS {h.max_wallclock_seconds} - GPTQ_RESERVE_SECONDS {h.gptq_reserve_seconds}), {tokens_per_step} tokens/step, {accum} micro-steps of {h.train_batch_tokens // (accum * rt.world_size * h.train_seq_len)} sequences per rank")
+    t0 = time.perf_counter()
+    while (reason := stop_reason(step, elapsed, last_step_seconds, budget, h.iterations)) is None:
+        frac = elapsed / budget
+        looping = h.num_loops > 0 and frac >= h.loop_start_frac
+        if looping and not model.looping:
+            log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of budget), order {virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops)}")
+        model.looping = looping
+        loss = train_step(model, optimizers, loader, h, rt, accum, lr_multiplier(frac, h.warmdown_frac, h.min_lr_frac), muon_momentum_at(step, h))
+        ema.update()
+        step += 1
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        now = agreed_elapsed(t0, rt)
+        last_step_seconds, elapsed = now - elapsed, now
+        phase_tokens[looping] += tokens_per_step
+        phase_seconds[looping] += last_step_seconds
+        window_t += last_step_seconds
+        window_steps += 1
+        if step % h.log_every == 0 or step <= 5:
+            tok_s = window_steps * tokens_per_step / window_t
+            mfu = "" if peak is None else f" mfu {100 * tok_s * flops_per_token(h, len(model.layer_order())) / (peak * rt.world_size):.1f}%"
+            log(f"step {step} loss {loss_sum.item() / window_steps:.4f} lr_mult {lr_multiplier(frac, h.warmdown_frac, h.min_lr_frac):.3f} {tok_s:,.0f} tok/s{mfu} elapsed {elapsed:.1f}s")
+            loss_sum, window_t, window_steps = None, 0.0, 0
+    log(f"stopped after {step} steps, {elapsed:.1f}s: {reason}")
+    rates = {}
+    for looping in (False, True):
+        if phase_seconds[looping] > 0:
+            tok_s = phase_tokens[looping] / phase_seconds[looping]
+            rates["looping" if looping else "before_looping"] = tok_s
+            layers = len(virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops if looping else 0))
+            mfu = "" if peak is None else f", MFU {100 * tok_s * flops_per_token(h, layers) / (peak * rt.world_size):.1f}%"
+            log(f"throughput {'with' if looping else 'before'} depth recurrence: {tok_s:,.0f} tok/s ({tok_s / rt.world_size:,.0f} per GPU){mfu}")
+    return TrainResult(step, elapsed, reason, rates)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Quantization: Hessians on training data, GPTQ with SDClip
+# ---------------------------------------------------------------------------------------------
+
+
+def quantized_matrices(model: GPT) -> dict[str, nn.Module | None]:
+    """Name of every weight GPTQ quantizes -> the module whose input feeds its Hessian
+    (None for the tied embedding, whose Hessian comes from the final-norm output)."""
+    out = {"tok_emb.weight": None}
+    for i, block in enumerate(model.blocks):
+        for name, module in (("attn.qkv", block.attn.qkv), ("attn.proj", block.attn.proj), ("mlp.fc", block.mlp.fc), ("mlp.proj", block.mlp.proj)):
+            out[f"blocks.{i}.{name}.weight"] = module
+    return out
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, loader: TrainLoader, num_seqs: int, rt: Runtime) -> dict[str, torch.Tensor]:
+    """H = sum X^T X over calibration sequences of training data (never validation), for the
+    input of every quantized linear and for the final hidden states (the embedding's output side).
+    Each rank takes its share of the sequences; the sums are all-reduced."""
+    targets = quantized_matrices(model)
+    hessians = {name: torch.zeros(m.in_features if m else model.h.model_dim, m.in_features if m else model.h.model_dim, device=rt.device) for name, m in targets.items()}
+    hooks = []
+
+    def accumulate(name, x):
+        x = x.reshape(-1, x.size(-1)).float()
+        hessians[name].addmm_(x.T, x)
+
+    for name, module in targets.items():
+        if module is not None:
+            hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: accumulate(name, args[0])))
+    local = num_seqs // rt.world_size + (rt.rank < num_seqs % rt.world_size)
+    try:
+        with torch.compiler.set_stance("force_eager"), autocast(rt.device):
+            done = 0
+            while done < local:
+                x, _ = loader.next_batch()
+                x = x[: local - done]
+                accumulate("tok_emb.weight", model.hidden_states(x))
+                done += len(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for H in hessians.values():
+        all_reduce(H)
+    return hessians
+
+
+def sdclip_scales(W: torch.Tensor, clip_k: float, qmax: int) -> torch.Tensor:
+    """SDClip: per-row scale k * std(row) / qmax, rounded to fp16 (as stored)."""
+    return (clip_k * W.float().std(dim=-1) / qmax).clamp_min(1e-8).half().float()
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, qmax: int, clip_k: float, block_size: int = 128, damp: float = 0.01):
+    """Full-Hessian GPTQ, batched over a stack of matrices W [n, rows, cols] with Hessians
+    H [n, cols, cols]. Columns are quantized in descending order of the Hessian diagonal, in
+    blocks, propagating each column's error through the upper Cholesky factor of H^-1.
+    Returns integer codes [n, rows, cols] in [-qmax, qmax] and fp16-exact row scales [n, rows]."""
+    W, H = W.float().clone(), H.float().clone()
+    n, rows, cols = W.shape
+    scale = sdclip_scales(W, clip_k, qmax)
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0  # inputs that never fire: weight irrelevant, keep H invertible
+    diag[dead] = 1.0
+    W.masked_fill_(dead[:, None, :], 0.0)
+    diag += damp * diag.mean(dim=-1, keepdim=True)
+    order = torch.argsort(diag, dim=-1, descending=True)
+    W = W.gather(2, order[:, None, :].expand(n, rows, cols))
+    H = H.gather(1, order[:, :, None].expand(n, cols, cols)).gather(2, order[:, None, :].expand(n, cols, cols))
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.any():
+        raise RuntimeError("GPTQ: Hessian not positive definite after damping; raise GPTQ_DAMP")
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    codes = torch.zeros_like(W)
+    s = scale[:, :, None]
+    for i0 in range(0, cols, block_size):
+        i1 = min(i0 + block_size, cols)
+        Wb, Ub = W[:, :, i0:i1].clone(), U[:, i0:i1, i0:i1]
+        errors = torch.zeros_like(Wb)
+        for j in range(i1 - i0):
+            w = Wb[:, :, j : j + 1]
+            q = torch.clamp(torch.round(w / s), -qmax, qmax)
+            codes[:, :, i0 + j : i0 + j + 1] = q
+            err = (w - q * s) / Ub[:, j, j][:, None, None]
+            Wb[:, :, j:] -= err * Ub[:, j : j + 1, j:]
+            errors[:, :, j : j + 1] = err
+        W[:, :, i1:] -= errors @ U[:, i0:i1, i1:]
+    inverse = torch.argsort(order, dim=-1)
+    codes = codes.gather(2, inverse[:, None, :].expand(n, rows, cols))
+    return codes.to(torch.int8), scale
+
+
+def round_to_nearest(W: torch.Tensor, qmax: int, clip_k: float):
+    """The baseline GPTQ improves on: same scales, each weight rounded on its own."""
+    scale = sdclip_scales(W, clip_k, qmax)
+    return torch.clamp(torch.round(W.float() / scale[..., None]), -qmax, qmax).to(torch.int8), scale
+
+
+@dataclass
+class QuantizedTensor:
+    codes: torch.Tensor  # int8 [rows, cols]
+    scale: torch.Tensor  # float (fp16-exact) [rows]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.float() * self.scale[:, None]
+
+
+def quantize_model(model: GPT, hessians: dict, h: Hyperparameters, rt: Runtime) -> dict:
+    """GPTQ for every block matrix (int-MATRIX_BITS) and the embedding (int-EMBED_BITS); small
+    tensors pass through as fp16. Matrices of equal shape are quantized as one batch; the
+    batches' members are dealt across ranks and the results broadcast from their owners."""
+    state = model.state_dict()
+    targets = quantized_matrices(model)
+    groups: dict[tuple, list[str]] = {}
+    for name in targets:
+        groups.setdefault(tuple(state[name].shape), []).append(name)
+    result = {}
+    for names in groups.values():
+        is_embed = names == ["tok_emb.weight"]
+        qmax = 2 ** ((h.embed_bits if is_embed else h.matrix_bits) - 1) - 1
+        clip_k = h.embed_clip_k if is_embed else h.matrix_clip_k
+        mine = names[rt.rank :: rt.world_size]
+        if mine:
+            W = torch.stack([state[n].to(rt.device) for n in mine])
+            H = torch.stack([hessians[n] for n in mine])
+            codes, scales = gptq_quantize(W, H, qmax, clip_k, h.gptq_block_size, h.gptq_damp)
+        for i, name in enumerate(names):
+            owner = i % rt.world_size
+            if owner == rt.rank:
+                k = mine.index(name)
+                c, s = codes[k].contiguous(), scales[k].contiguous()
+            else:
+                c = torch.empty(state[name].shape, dtype=torch.int8, device=rt.device)
+                s = torch.empty(state[name].shape[0], device=rt.device)
+            if rt.distributed:
+                dist.broadcast(c, owner)
+                dist.broadcast(s, owner)
+            result[name] = QuantizedTensor(c.cpu(), s.cpu())
+    for name, t in state.items():
+        if name not in result:
+            if t.numel() > h.passthrough_max_numel:
+                raise ValueError(f"{name} has {t.numel()} elements: not quantized and above PASSTHROUGH_MAX_NUMEL={h.passthrough_max_numel}")
+            result[name] = t.detach().cpu().half()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Serialize: flat layout, byte shuffle, compression, code size, 16 MB guard
+# ---------------------------------------------------------------------------------------------
+
+ARTIFACT_MAGIC = b"PGOLF1"
+ARTIFACT_LIMIT_BYTES = 16_000_000
+ARCH_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "loop_start", "loop_end", "num_loops")
+
+
+def byte_shuffle(data: bytes, stride: int) -> bytes:
+    """Groups byte k of every stride-byte element together (k = 0..stride-1)."""
+    return np.frombuffer(data, np.uint8).reshape(-1, stride).T.tobytes()
+
+
+def byte_unshuffle(data: bytes, stride: int) -> bytes:
+    return np.frombuffer(data, np.uint8).reshape(stride, -1).T.tobytes()
+
+
+def compress(blob: bytes, method: str, level: int, chunks: int) -> bytes:
+    """Compresses equal chunks in parallel threads (the codecs release the GIL)."""
+    size = math.ceil(len(blob) / chunks)
+    parts = [blob[i : i + size] for i in range(0, len(blob), size)] or [b""]
+
+    def one(part):
+        if method == "brotli":
+            import brotli
+
+            return brotli.compress(part, quality=min(level, 11), lgwin=24)
+        if method == "zstd":
+            import zstandard
+
+            return zstandard.ZstdCompressor(level=max(1, level)).compress(part)
+        return lzma.compress(part, preset=min(level, 9) | lzma.PRESET_EXTREME)
+
+    with ThreadPoolExecutor(max_workers=min(len(parts), os.cpu_count() or 1)) as pool:
+        packed = list(pool.map(one, parts))
+    header = struct.pack("<BI", ("brotli", "zstd", "lzma").index(method), len(packed)) + struct.pack(f"<{len(packed)}I", *map(len, packed))
+    return header + b"".join(packed)
+
+
+def decompress(data: bytes) -> bytes:
+    method, count = struct.unpack_from("<BI", data)
+    lengths = struct.unpack_from(f"<{count}I", data, 5)
+    offset, out = 5 + 4 * count, []
+    for n in lengths:
+        part = data[offset : offset + n]
+        offset += n
+        if method == 0:
+            import brotli
+
+            out.append(brotli.decompress(part))
+        elif method == 1:
+            import zstandard
+
+            out.append(zstandard.ZstdDecompressor().decompress(part))
+        else:
+            out.append(lzma.decompress(part))
+    return b"".join(out)
+
+
+def artifact_layout(h: Hyperparameters) -> list[tuple[str, torch.Size, bool]]:
+    """(name, shape, quantized?) of every stored tensor, in state_dict order, derived from the
+    architecture alone so that the artifact need not store names or shapes."""
+    with torch.device("meta"):
+        model = GPT(h)
+    quantized = quantized_matrices(model)
+    return [(name, t.shape, name in quantized) for name, t in model.state_dict().items()]
+
+
+def pack_artifact(qstate: dict, h: Hyperparameters, looping: bool) -> bytes:
+    """Layout: magic | u32 header length | JSON header (architecture, whether the trained model
+    runs with depth recurrence) | compressed payload.
+    The payload holds, in state_dict order, all integer codes (int8), then all row scales
+    (fp16), then all passthrough tensors (fp16), the fp16 streams byte-shuffled."""
+    layout = artifact_layout(h)
+    if set(qstate) != {name for name, _, _ in layout}:
+        raise ValueError("pack_artifact: tensors do not match the architecture")
+    codes = b"".join(qstate[name].codes.numpy().tobytes() for name, _, q in layout if q)
+    scales = b"".join(qstate[name].scale.half().numpy().tobytes() for name, _, q in layout if q)
+    plain = b"".join(qstate[name].half().numpy().tobytes() for name, _, q in layout if not q)
+    payload = codes + byte_shuffle(scales, 2) + byte_shuffle(plain, 2)
+    header = json.dumps({"arch": {k: getattr(h, k) for k in ARCH_FIELDS}, "looping": looping}, separators=(",", ":")).encode()
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + compress(payload, h.compressor, h.compress_level, h.compress_chunks)
+
+
+def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Tensor], bool]:
+    """Inverse of pack_artifact: the dequantized state dict (fp32) and the looping flag."""
+    if not data.startswith(ARTIFACT_MAGIC):
+        raise ValueError("artifact: bad magic; not a file written by pack_artifact")
+    (n,) = struct.unpack_from("<I", data, len(ARTIFACT_MAGIC))
+    start = len(ARTIFACT_MAGIC) + 4
+    header = json.loads(data[start : start + n])
+    for k, v in header["arch"].items():
+        if getattr(h, k) != v:
+            raise ValueError(f"artifact was trained with {k.upper()}={v}, but {k.upper()}={getattr(h, k)} now")
+    payload = decompress(data[start + n :])
+    layout = artifact_layout(h)
+    n_codes = sum(math.prod(shape) for _, shape, q in layout if q)
+    n_scales = sum(shape[0] for _, shape, q in layout if q)
+    n_plain = sum(math.prod(shape) for _, shape, q in layout if not q)
+    if len(payload) != n_codes + 2 * n_scales + 2 * n_plain:
+        raise ValueError("artifact: payload size does not match the architecture")
+    codes = np.frombuffer(payload, np.int8, count=n_codes)
+    scales = np.frombuffer(byte_unshuffle(payload[n_codes : n_codes + 2 * n_scales], 2), np.float16)
+    plain = np.frombuffer(byte_unshuffle(payload[n_codes + 2 * n_scales :], 2), np.float16)
+    state, ci, si, pi = {}, 0, 0, 0
+    for name, shape, quantized in layout:
+        numel = math.prod(shape)
+        if quantized:
+            c = torch.from_numpy(codes[ci : ci + numel].copy()).view(shape)
+            s = torch.from_numpy(scales[si : si + shape[0]].astype(np.float32))
+            state[name] = QuantizedTensor(c, s).dequantize()
+            ci, si = ci + numel, si + shape[0]
+        else:
+            state[name] = torch.from_numpy(plain[pi : pi + numel].astype(np.float32)).view(shape)
+            pi += numel
+    return state, header["looping"]
+
+
+def self_extracting_source(source: bytes) -> bytes:
+    """A runnable copy of this file: the source, lzma-compressed and base85-encoded, behind a
+    two-line loader. Submitting it costs a quarter of the readable file's bytes."""
+    payload = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME))
+    return b"import base64,lzma\nexec(compile(lzma.decompress(base64.b85decode(b'" + payload + b"')),'train_gpt.py','exec'))\n"
+
+
+def code_bytes(h: Hyperparameters, log: Logger) -> int:
+    """Bytes of the code that would be submitted: this file, or its self-extracting copy."""
+    source = Path(__file__).read_bytes()
+    if not h.pack_code:
+        return len(source)
+    packed = self_extracting_source(source)
+    path = Path(h.artifact_path).with_name("train_gpt.packed.py")
+    path.write_bytes(packed)
+    log(f"code: {len(source):,} bytes readable, {len(packed):,} bytes self-extracting ({path})")
+    return len(packed)
+
+
+class ArtifactTooLarge(RuntimeError):
+    pass
+
+
+def check_artifact_size(weight_bytes: int, code_bytes_: int, limit: int = ARTIFACT_LIMIT_BYTES) -> int:
+    total = weight_bytes + code_bytes_
+    if total >= limit:
+        raise ArtifactTooLarge(f"artifact is {total:,} bytes (weights {weight_bytes:,} + code {code_bytes_:,}), not under the {limit:,}-byte limit; no score is reported")
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Evaluate: plain, sliding window, score-first TTT
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    nll_sum: float  # nats
+    byte_sum: float
+    tokens: int
+    seconds: float = 0.0
+    token_nll: torch.Tensor | None = None  # per target, when asked for (tests; single rank)
+
+    @property
+    def loss(self) -> float:
+        return self.nll_sum / self.tokens
+
+    @property
+    def bpb(self) -> float:
+        return self.nll_sum / math.log(2) / self.byte_sum
+
+
+def window_plan(num_targets: int, seq_len: int, stride: int | None) -> list[tuple[int, int]]:
+    """(start, scored) per window: the window reads tokens [start, start+seq_len] and scores its
+    last `scored` targets. Without a stride, windows tile the stream; with one, the first
+    window scores all its targets and each later one (stride further) scores the last stride.
+    Target k (token k+1) is scored by exactly one window, always from its own prefix."""
+    if stride is None:
+        return [(s, seq_len) for s in range(0, num_targets, seq_len)]
+    return [(0, seq_len)] + [(s, stride) for s in range(stride, num_targets - seq_len + 1, stride)]
+
+
+@dataclass
+class TTTConfig:
+    chunk_tokens: int
+    lr: float
+    momentum: float
+    epochs: int
+    batch_seqs: int
+    grad_clip: float
+
+
+class _Accumulator:
+    def __init__(self, device, num_targets: int | None):
+        self.nll = torch.zeros((), dtype=torch.float64, device=device)
+        self.bytes = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.token_nll = None if num_targets is None else torch.full((num_targets,), float("nan"), dtype=torch.float64)
+
+
+@torch.no_grad()
+def _score_windows(model, tokens, windows, seq_len, batch_seqs, tables, acc, device):
+    """Scores a list of windows (all with the same `scored` count) in fixed-size batches."""
+    if not windows:
+        return
+    scored = windows[0][1]
+    offsets = torch.arange(seq_len + 1, device=device)
+    for b in range(0, len(windows), batch_seqs):
+        batch = windows[b : b + batch_seqs]
+        real = len(batch)
+        batch = batch + [batch[-1]] * (batch_seqs - real)  # pad: static shapes for compile
+        starts = torch.tensor([s for s, _ in batch], device=device)
+        seqs = tokens[starts[:, None] + offsets]
+        x, y = seqs[:, :-1], seqs[:, 1:]
+        with autocast(device):
+            hidden = model.hidden_states(x)[:, -scored:]
+            nll = model.token_nll(hidden, y[:, -scored:]).double()[:real]
+        nbytes = tables.target_bytes(x[:real, -scored:], y[:real, -scored:]).double()
+        acc.nll += nll.sum()
+        acc.bytes += nbytes.sum()
+        acc.count += nll.numel()
+        if acc.token_nll is not None:
+            for row, (start, _) in enumerate(batch[:real]):
+                first = start + seq_len - scored
+                acc.token_nll[first : first + scored] = nll[row].cpu()
+
+
+def evaluate(model, tokens, tables, seq_len, stride, batch_seqs, rt, ttt: TTTConfig | None = None, return_token_nll=False, trace=None) -> EvalResult:
+    """Scores every validation target exactly once, from its prefix only.
+
+    stride None: non-overlapping windows. With a stride: sliding windows. With ttt, windows are
+    grouped into chunks of ttt.chunk_tokens targets; each chunk is first scored under no_grad
+    and counted, then (except the last) the model trains on that chunk's tokens, so training
+    only ever sees tokens whose scores are already in the total. `trace`, if a list, records
+    ("score"|"train", first_target, end_target) events for tests.
+    """
+    t0 = time.perf_counter()
+    num_targets = len(tokens) - 1
+    windows = window_plan(num_targets, seq_len, stride)
+    chunk = ttt.chunk_tokens if ttt else num_targets
+    num_chunks = math.ceil(num_targets / chunk)
+    per_chunk = [[] for _ in range(num_chunks)]
+    for start, scored in windows:
+        per_chunk[(start + seq_len - scored) // chunk].append((start, scored))
+    acc = _Accumulator(rt.device, num_targets if return_token_nll else None)
+    tokens, tables = tokens.to(rt.device), tables.to(rt.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum) if ttt else None
+    for c, chunk_windows in enumerate(per_chunk):
+        mine = chunk_windows[len(chunk_windows) * rt.rank // rt.world_size : len(chunk_windows) * (rt.rank + 1) // rt.world_size]
+        for scored in sorted({s for _, s in mine}, reverse=True):
+            _score_windows(model, tokens, [w for w in mine if w[1] == scored], seq_len, batch_seqs, tables, acc, rt.device)
+        if trace is not None:
+            trace.append(("score", c * chunk, min((c + 1) * chunk, num_targets)))
+        if ttt and ttt.epochs > 0 and c < num_chunks - 1:
+            lr = ttt.lr * 0.5 * (1 + math.cos(math.pi * c / (num_chunks - 1)))
+            _ttt_train_chunk(model, optimizer, tokens, c * chunk, chunk, seq_len, lr, ttt, rt, trace)
+    for t in (acc.nll, acc.bytes, acc.count):
+        all_reduce(t)
+    return EvalResult(acc.nll.item(), acc.bytes.item(), int(acc.count.item()), time.perf_counter() - t0, acc.token_nll)
+
+
+def _ttt_train_chunk(model, optimizer, tokens, first_target, chunk, seq_len, lr, ttt, rt, trace):
+    """SGD on the chunk's (already scored) targets first_target .. first_target+chunk-1:
+    ttt.epochs passes in global batches of ttt.batch_seqs sequences split across ranks,
+    gradients averaged across ranks and clipped."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    params = [p for p in model.parameters()]
+    num_seqs = chunk // seq_len
+    per_rank = ttt.batch_seqs // rt.world_size
+    for _ in range(ttt.epochs):
+        for b in range(0, num_seqs, ttt.batch_seqs):
+            first = b + rt.rank * per_rank
+            starts = torch.arange(first, first + per_rank, device=rt.device) * seq_len + first_target
+            seqs = tokens[starts[:, None] + torch.arange(seq_len + 1, device=rt.device)]
+            if trace is not None:
+                trace.append(("train", int(starts.min()), int(starts.max()) + seq_len))
+            with autocast(rt.device):
+                loss = model(seqs[:, :-1], seqs[:, 1:])
+            optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            if rt.distributed:
+                flat = torch.cat([p.grad.reshape(-1) for p in params])
+                dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+                torch._foreach_copy_([p.grad for p in params], [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)])
+            if ttt.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, ttt.grad_clip)
+            optimizer.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Main
+# ---------------------------------------------------------------------------------------------
+
+
+def log_environment(h: Hyperparameters, rt: Runtime, log: Logger):
+    log(f"run_id {h.run_id}")
+    log("hyperparameters:")
+    for f in dataclasses.fields(h):
+        log(f"  {f.name.upper()}={getattr(h, f.name)!r}")
+    gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
+    log(f"environment: python {platform.python_version()}, torch {torch.__version__}, cuda {torch.version.cuda}, gpu {gpu} x{rt.world_size}, flash_attn_3 {'yes' if flash_attn_3 else 'no'}")
+
+
+def build_model(h: Hyperparameters, rt: Runtime, log: Logger) -> GPT:
+    model = GPT(h).to(rt.device)
+    backend = configure_attention(model, h, rt.device)
+    if h.compile:
+        compile_model(model)
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, attention {backend}, compile {h.compile}")
+    return model
+
+
+def load_artifact_model(h: Hyperparameters, rt: Runtime, log: Logger) -> tuple[GPT, int]:
+    data = Path(h.artifact_path).read_bytes()
+    model = build_model(h, rt, log)
+    state, model.looping = unpack_artifact(data, h)
+    model.load_state_dict(state)
+    return model, len(data)
+
+
+def run_evaluations(model, val_tokens, tables, h, rt, log, timer, results: dict):
+    """Quantized (plain), sliding-window and score-first TTT evaluation of the loaded artifact."""
+    stages = [("quantized", None, None), ("sliding", h.eval_stride, None)]
+    if h.ttt_enabled:
+        stages.append(("ttt", h.eval_stride, TTTConfig(h.ttt_chunk_tokens, h.ttt_lr, h.ttt_momentum, h.ttt_epochs, h.ttt_batch_seqs, h.ttt_grad_clip)))
+    for name, stride, ttt in stages:
+        with timer(f"eval_{name}"):
+            r = evaluate(model, val_tokens, tables, h.eval_seq_len, stride, h.eval_batch_seqs, rt, ttt)
+        results[name] = r
+        log(f"eval {name}: val_loss {r.loss:.5f} val_bpb {r.bpb:.5f} ({r.tokens:,} tokens, {r.byte_sum:,.0f} bytes, {r.seconds:.1f}s, {r.tokens / r.seconds:,.0f} tok/s)")
+
+
+def main():
+    h = Hyperparameters.from_env()
+    rt = init_runtime()
+    h.validate(rt.world_size)
+    if not h.run_id:
+        run_id = [f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"]
+        if rt.distributed:
+            dist.broadcast_object_list(run_id, 0)
+        h.run_id = run_id[0]
+    log = Logger(Path(h.log_dir) / f"{h.run_id}.txt" if rt.is_main else None)
+    timer = StageTimer(log, rt.device)
+    log_environment(h, rt, log)
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+
+    with timer("load_data"):
+        sp = load_tokenizer(tokenizer_path(h), h.vocab_size)
+        tables = build_byte_tables(sp)
+        val_tokens = load_validation_tokens(find_shards(h, "val"), h.eval_seq_len, h.vocab_size)
+        train_files = [] if h.eval_only else find_shards(h, "train")
+    log(f"data: {len(train_files)} train shards, {len(val_tokens) - 1:,} validation targets, {int(tables.target_bytes(val_tokens[:-1], val_tokens[1:]).sum()):,} validation bytes")
+    results: dict[str, EvalResult] = {}
+    summary: dict = dict(run_id=h.run_id, seed=h.seed, world_size=rt.world_size, torch=torch.__version__, hardware=f"{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'} x{rt.world_size}")
+
+    if not h.eval_only:
+        accum = h.accum_steps(rt.world_size)
+        local_seqs = h.train_batch_tokens // (rt.world_size * accum * h.train_seq_len)
+
+        def make_loader(seed_offset=0):
+            return TrainLoader(train_files, h.train_seq_len, local_seqs, rt.rank, rt.world_size, h.seed + seed_offset, h.vocab_size, rt.device)
+
+        model = build_model(h, rt, log)
+        optimizers = Optimizers(model, h, rt)
+        with timer("compile_warmup"):
+            warm_up(model, optimizers, h, rt, make_loader, log)
+        ema = WeightEMA(list(model.parameters()), h.ema_decay, h.ema_power)
+        clock = time.perf_counter()
+        result = train(model, optimizers, ema, make_loader(), h, rt, log)
+        raw_weights = ema.swap_in()
+        hessians = collect_hessians(model, make_loader(seed_offset=1), h.gptq_calib_seqs, rt)
+        frozen_at = agreed_elapsed(clock, rt)
+        log(f"weights frozen {frozen_at:.1f}s after the clock started (training {result.seconds:.1f}s + GPTQ calibration {frozen_at - result.seconds:.1f}s; limit {h.max_wallclock_seconds:.0f}s)")
+        if frozen_at > h.max_wallclock_seconds:
+            log(f"WARNING: training plus calibration took {frozen_at:.1f}s, over MAX_WALLCLOCK_SECONDS; raise GPTQ_RESERVE_SECONDS")
+        log(f"peak GPU memory: {torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f} GiB" if rt.device.type == "cuda" else "peak GPU memory: n/a (cpu)")
+        summary.update(steps=result.steps, train_seconds=round(frozen_at, 2), stop_reason=result.stop_reason, train_tokens_per_second={k: round(v) for k, v in result.tokens_per_second.items()})
+
+        for label, weights in (("raw", raw_weights), ("ema", None)):
+            if weights is not None:
+                ema_weights = [p.detach().clone() for p in model.parameters()]
+                torch._foreach_copy_([p.detach() for p in model.parameters()], weights)
+            with timer(f"eval_{label}"):
+                r = evaluate(model, val_tokens, tables, h.eval_seq_len, None, h.eval_batch_seqs, rt)
+            results[label] = r
+            log(f"eval {label}: val_loss {r.loss:.5f} val_bpb {r.bpb:.5f}")
+            if weights is not None:
+                torch._foreach_copy_([p.detach() for p in model.parameters()], ema_weights)
+
+        with timer("gptq"):
+            qstate = quantize_model(model, hessians, h, rt)
+        looping = model.looping
+        del model, optimizers, ema, hessians
+        if rt.is_main:
+            with timer("pack"):
+                blob = pack_artifact(qstate, h, looping)
+            Path(h.artifact_path).write_bytes(blob)
+        if rt.distributed:
+            dist.barrier()
+
+    weight_bytes = Path(h.artifact_path).stat().st_size
+    code = code_bytes(h, log)
+    log(f"artifact: weights {weight_bytes:,} + code {code:,} = {weight_bytes + code:,} bytes (limit {ARTIFACT_LIMIT_BYTES:,})")
+    total = check_artifact_size(weight_bytes, code)
+    summary.update(artifact_bytes=dict(weights=weight_bytes, code=code, total=total))
+
+    with timer("load_artifact"):
+        model, _ = load_artifact_model(h, rt, log)
+    run_evaluations(model, val_tokens, tables, h, rt, log, timer, results)
+    if "ema" in results:
+        log(f"quantization gap: {results['quantized'].bpb - results['ema'].bpb:+.5f} bpb (quantized - ema)")
+    final = results["ttt" if "ttt" in results else "sliding"]
+    summary.update(
+        val_bpb=round(final.bpb, 6),
+        val_loss=round(final.loss, 6),
+        val_bpb_stages={k: round(v.bpb, 6) for k, v in results.items()},
+        eval_seconds={k: round(v.seconds, 2) for k, v in results.items() if k in ("quantized", "sliding", "ttt")},
+        stage_seconds={k: round(v, 2) for k, v in timer.seconds.items()},
+    )
+    if rt.is_main:
+        Path("submission.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"final val_bpb {final.bpb:.5f} ({'ttt' if 'ttt' in results else 'sliding'})")
+    if rt.distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Profiles full training steps at the B1 shape (one GPU, 8 micro-steps of 48 x 2048) and
+prints the CUDA time per kernel category, the top kernels and the measured tokens/s.
+
+    DATA_DIR=... python3 bench/profile_step.py [regional|full] [looping]
+
+regional: train_gpt.py's per-block compile; full: torch.compile of the whole model forward.
+"""
+
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+CATEGORIES = [  # first match wins
+    ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "ampere", "hopper", "wgmma", "cublas")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("nccl", ("nccl",)),
+    ("copy/cast", ("copy", "cast", "fill", "memset", "memcpy", "elementwise_kernel")),
+    ("triton (fused elementwise/reductions)", ("triton",)),
+]
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def main():
+    mode = sys.argv[1] if len(sys.argv) > 1 else "regional"
+    looping = len(sys.argv) > 2 and sys.argv[2] == "looping"
+    h = tg.Hyperparameters.from_env()
+    rt = tg.Runtime(0, 1, 0, torch.device("cuda"))
+    torch.cuda.set_device(0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    h.validate(1)
+    model = tg.GPT(h).cuda()
+    tg.configure_attention(model, h, rt.device)
+    if mode == "regional":
+        tg.compile_model(model)
+    else:
+        torch._dynamo.config.cache_size_limit = 64
+        model.forward = torch.compile(model.forward, dynamic=False)
+    model.looping = looping
+    opt = tg.Optimizers(model, h, rt)
+    files = tg.find_shards(h, "train")
+    loader = tg.TrainLoader(files, h.train_seq_len, 48, 0, 1, h.seed, h.vocab_size, rt.device)
+    t0 = time.perf_counter()
+    for _ in range(2):
+        tg.train_step(model, opt, loader, h, rt, 8, 1.0, 0.95)
+    torch.cuda.synchronize()
+    print(f"[{mode} looping={looping}] compile + 2 steps: {time.perf_counter() - t0:.1f}s")
+    t0 = time.perf_counter()
+    for _ in range(3):
+        tg.train_step(model, opt, loader, h, rt, 8, 1.0, 0.95)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / 3
+    layers = len(model.layer_order())
+    tok_s = h.train_batch_tokens / dt
+    print(f"[{mode} looping={looping}] step {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s, MFU {100 * tok_s * tg.flops_per_token(h, layers) / 989e12:.1f}%")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        tg.train_step(model, opt, loader, h, rt, 8, 1.0, 0.95)
+        torch.cuda.synchronize()
+    by_cat, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
+    for e in prof.key_averages():
+        t = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        if t <= 0 or e.key.startswith("ProfilerStep"):
+            continue
+        by_cat[categorize(e.key)] += t
+        by_name[e.key][0] += t
+        by_name[e.key][1] += e.count
+    total = sum(by_cat.values())
+    print(f"[{mode} looping={looping}] CUDA time per step {total / 1000:.0f} ms (wall {dt * 1000:.0f} ms)")
+    for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        print(f"  {cat:40s} {t / 1000:8.1f} ms  {100 * t / total:5.1f}%")
+    print("  top kernels:")
+    for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
+        print(f"    {t / 1000:8.2f} ms  x{n:<5d} {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()

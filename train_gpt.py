@@ -467,23 +467,32 @@ def virtual_layer_order(num_layers: int, loop_start: int, loop_end: int, num_loo
     return list(range(loop_start)) + loop * (1 + num_loops) + list(range(loop_end + 1, num_layers))
 
 
+def rotary_tables(rope_dims: int, base: float, seq_len: int, train_seq_len: int) -> torch.Tensor:
+    """cos and sin of RoPE angles [2, seq_len, rope_dims/2]; the base is rescaled NTK-style
+    when evaluating past the training length."""
+    half = rope_dims // 2
+    if seq_len > train_seq_len and rope_dims > 2:
+        base *= (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
+    inv_freq = base ** (-torch.arange(half, dtype=torch.float64) / half)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()]).float()
+
+
 class PartialRotary(nn.Module):
-    """RoPE on the first rope_dims of each head; NTK-style base rescale past the training length."""
+    """RoPE on the first rope_dims of each head. The tables for the training length are a
+    buffer: computed inside the compiled graph they would be recomputed per element."""
 
     def __init__(self, rope_dims: int, base: float, train_seq_len: int):
         super().__init__()
         self.rope_dims, self.base, self.train_seq_len = rope_dims, base, train_seq_len
+        self.register_buffer("tables", rotary_tables(rope_dims, base, train_seq_len, train_seq_len), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, H, D]
         if self.rope_dims == 0:
             return x
         T, half = x.size(1), self.rope_dims // 2
-        base = self.base
-        if T > self.train_seq_len and self.rope_dims > 2:
-            base *= (T / self.train_seq_len) ** (self.rope_dims / (self.rope_dims - 2))
-        inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-        angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
-        cos, sin = angles.cos()[None, :, None, :].to(x.dtype), angles.sin()[None, :, None, :].to(x.dtype)
+        tables = self.tables[:, :T] if T <= self.train_seq_len else rotary_tables(self.rope_dims, self.base, T, self.train_seq_len).to(x.device)
+        cos, sin = tables[0][None, :, None, :].to(x.dtype), tables[1][None, :, None, :].to(x.dtype)
         x1, x2, rest = x[..., :half], x[..., half : self.rope_dims], x[..., self.rope_dims :]
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
@@ -565,14 +574,16 @@ class Block(nn.Module):
         self.register_buffer("norm_scale", torch.tensor(1.0 / math.sqrt(layer + 1)), persistent=False)
 
     def forward(self, x, x0, skip=None, skip_weight=None, skip_gate=None):
+        dt = x.dtype  # the residual stream's; the small parameters follow it
         if skip is not None:  # U-Net skip: lerp towards the weighted encoder activation
-            x = torch.lerp(skip_weight * skip, x, torch.sigmoid(skip_gate))
-        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+            x = torch.lerp(skip_weight.to(dt) * skip, x, torch.sigmoid(skip_gate).to(dt))
+        mix, norm_scale = self.resid_mix.to(dt), self.norm_scale.to(dt)
+        x = mix[0] * x + mix[1] * x0
         if self.parallel:
-            n = rms_norm(x) * self.norm_scale
-            return x + self.attn_scale * self.attn(n) + self.mlp_scale * self.mlp(n)
-        x = x + self.attn_scale * self.attn(rms_norm(x) * self.norm_scale)
-        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale)
+            n = rms_norm(x) * norm_scale
+            return x + self.attn_scale.to(dt) * self.attn(n) + self.mlp_scale.to(dt) * self.mlp(n)
+        x = x + self.attn_scale.to(dt) * self.attn(rms_norm(x) * norm_scale)
+        return x + self.mlp_scale.to(dt) * self.mlp(rms_norm(x) * norm_scale)
 
 
 class SoftcapTokenLoss(nn.Module):
@@ -599,6 +610,7 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))
         self.token_loss = SoftcapTokenLoss(h.logit_softcap)
         self.looping = False  # depth recurrence on/off (switched during training)
+        self.residual_dtype = None  # None: the embedding's (fp32)
         self._init_weights()
 
     @torch.no_grad()
@@ -620,7 +632,7 @@ class GPT(nn.Module):
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [B, T, C]. The first half of the virtual layers push their
         outputs on a stack; the second half pop them as U-Net skips."""
-        x = x0 = rms_norm(self.tok_emb(ids))
+        x = x0 = rms_norm(self.tok_emb(ids)).to(self.residual_dtype or self.tok_emb.weight.dtype)
         order = self.layer_order()
         num_encoder = len(order) // 2
         skips = []

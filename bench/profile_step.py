@@ -1,7 +1,7 @@
 """Profiles full training steps at the B1 shape (one GPU, 8 micro-steps of 48 x 2048) and
 prints the CUDA time per kernel category, the top kernels and the measured tokens/s.
 
-    DATA_DIR=... python3 bench/profile_step.py [regional|full] [looping]
+    DATA_DIR=... python3 bench/profile_step.py [regional|full] [looping] [bf16]
 
 regional: train_gpt.py's per-block compile; full: torch.compile of the whole model forward.
 """
@@ -22,8 +22,8 @@ CATEGORIES = [  # first match wins
     ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "ampere", "hopper", "wgmma", "cublas")),
     ("optimizer", ("adam", "foreach", "multi_tensor")),
     ("nccl", ("nccl",)),
-    ("copy/cast", ("copy", "cast", "fill", "memset", "memcpy", "elementwise_kernel")),
     ("triton (fused elementwise/reductions)", ("triton",)),
+    ("eager elementwise/copies", ("copy", "cast", "fill", "memset", "memcpy", "elementwise_kernel")),
 ]
 
 
@@ -37,7 +37,8 @@ def categorize(name: str) -> str:
 
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "regional"
-    looping = len(sys.argv) > 2 and sys.argv[2] == "looping"
+    looping = "looping" in sys.argv[2:]
+    bf16_residual = "bf16" in sys.argv[2:]
     h = tg.Hyperparameters.from_env()
     rt = tg.Runtime(0, 1, 0, torch.device("cuda"))
     torch.cuda.set_device(0)
@@ -51,6 +52,9 @@ def main():
         torch._dynamo.config.cache_size_limit = 64
         model.forward = torch.compile(model.forward, dynamic=False)
     model.looping = looping
+    if bf16_residual:
+        model.residual_dtype = torch.bfloat16
+        mode += "+bf16res"
     opt = tg.Optimizers(model, h, rt)
     files = tg.find_shards(h, "train")
     loader = tg.TrainLoader(files, h.train_seq_len, 48, 0, 1, h.seed, h.vocab_size, rt.device)

@@ -64,6 +64,7 @@ class Hyperparameters:
     vocab_size: int = _param(8192, lo=2)
     log_dir: str = _param("logs")
     artifact_path: str = _param("final_model.pgq")
+    checkpoint_path: str = _param("")  # if set, the unquantized final weights are saved there
     eval_only: bool = _param(False)  # evaluate ARTIFACT_PATH without training
     compile: bool = _param(True)  # torch.compile the blocks and the loss head
     attention_backend: str = _param("auto", choices=("auto", "fa3", "cudnn", "flash", "efficient", "math"))
@@ -887,31 +888,6 @@ class WeightEMA:
         return raw
 
 
-@torch.no_grad()
-def training_loss(model, loader, num_seqs: int, rt: Runtime) -> float:
-    """Mean loss over whole micro-batches covering this rank's share of num_seqs training
-    sequences, averaged over ranks. Eager: a compile here would run on the training clock."""
-    total, batches = torch.zeros((), device=rt.device), max(1, -(-num_seqs // (rt.world_size * loader.batch_seqs)))
-    with torch.compiler.set_stance("force_eager"), autocast(rt.device):
-        for _ in range(batches):
-            total += model(*loader.next_batch())
-    return all_reduce(total / batches, dist.ReduceOp.AVG).item()
-
-
-def choose_final_weights(model, ema: WeightEMA, make_loader, num_seqs: int, rt: Runtime, log) -> tuple[str, list[torch.Tensor]]:
-    """Keeps the EMA weights unless the raw weights have the lower loss on the same held-out
-    training sequences (a short run can end while the EMA still lags). Training data only,
-    inside the training budget. Returns the choice ("ema"/"raw") and the raw weights."""
-    raw_loss = training_loss(model, make_loader(), num_seqs, rt)
-    raw = ema.swap_in()
-    ema_loss = training_loss(model, make_loader(), num_seqs, rt)
-    choice = "raw" if raw_loss < ema_loss else "ema"
-    if choice == "raw":
-        torch._foreach_copy_([p.detach() for p in model.parameters()], raw)
-    log(f"final weights: {choice} (training loss on {num_seqs} held-out sequences: raw {raw_loss:.4f}, EMA {ema_loss:.4f})")
-    return choice, raw
-
-
 def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -1403,6 +1379,8 @@ class EvalResult:
     tokens: int
     seconds: float = 0.0
     token_nll: torch.Tensor | None = None  # per target, when asked for (tests; single rank)
+    chunk_seconds: list = field(default_factory=list)  # (scoring, training) seconds per chunk
+    train_steps: int = 0
 
     @property
     def loss(self) -> float:
@@ -1488,24 +1466,30 @@ def evaluate(model, tokens, tables, seq_len, stride, batch_seqs, rt, ttt: TTTCon
     acc = _Accumulator(rt.device, num_targets if return_token_nll else None)
     tokens, tables = tokens.to(rt.device), tables.to(rt.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum) if ttt else None
+    chunk_seconds, train_steps = [], 0
     for c, chunk_windows in enumerate(per_chunk):
+        t_chunk = time.perf_counter()
         mine = chunk_windows[len(chunk_windows) * rt.rank // rt.world_size : len(chunk_windows) * (rt.rank + 1) // rt.world_size]
         for scored in sorted({s for _, s in mine}, reverse=True):
             _score_windows(model, tokens, [w for w in mine if w[1] == scored], seq_len, batch_seqs, tables, acc, rt.device)
         if trace is not None:
             trace.append(("score", c * chunk, min((c + 1) * chunk, num_targets)))
+        synchronize(rt.device)
+        t_scored = time.perf_counter()
         if ttt and ttt.epochs > 0 and c < num_chunks - 1:
             lr = ttt.lr * 0.5 * (1 + math.cos(math.pi * c / (num_chunks - 1)))
-            _ttt_train_chunk(model, optimizer, tokens, c * chunk, chunk, seq_len, lr, ttt, rt, trace)
+            train_steps += _ttt_train_chunk(model, optimizer, tokens, c * chunk, chunk, seq_len, lr, ttt, rt, trace)
+            synchronize(rt.device)
+        chunk_seconds.append((t_scored - t_chunk, time.perf_counter() - t_scored))
     for t in (acc.nll, acc.bytes, acc.count):
         all_reduce(t)
-    return EvalResult(acc.nll.item(), acc.bytes.item(), int(acc.count.item()), time.perf_counter() - t0, acc.token_nll)
+    return EvalResult(acc.nll.item(), acc.bytes.item(), int(acc.count.item()), time.perf_counter() - t0, acc.token_nll, chunk_seconds, train_steps)
 
 
-def _ttt_train_chunk(model, optimizer, tokens, first_target, chunk, seq_len, lr, ttt, rt, trace):
+def _ttt_train_chunk(model, optimizer, tokens, first_target, chunk, seq_len, lr, ttt, rt, trace) -> int:
     """SGD on the chunk's (already scored) targets first_target .. first_target+chunk-1:
     ttt.epochs passes in global batches of ttt.batch_seqs sequences split across ranks,
-    gradients averaged across ranks and clipped."""
+    gradients averaged across ranks and clipped. Returns the number of optimizer steps."""
     for g in optimizer.param_groups:
         g["lr"] = lr
     params = [p for p in model.parameters()]
@@ -1529,6 +1513,7 @@ def _ttt_train_chunk(model, optimizer, tokens, first_target, chunk, seq_len, lr,
             if ttt.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, ttt.grad_clip)
             optimizer.step()
+    return ttt.epochs * -(-num_seqs // ttt.batch_seqs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1572,6 +1557,11 @@ def run_evaluations(model, val_tokens, tables, h, rt, log, timer, results: dict)
             r = evaluate(model, val_tokens, tables, h.eval_seq_len, stride, h.eval_batch_seqs, rt, ttt)
         results[name] = r
         log(f"eval {name}: val_loss {r.loss:.5f} val_bpb {r.bpb:.5f} ({r.tokens:,} tokens, {r.byte_sum:,.0f} bytes, {r.seconds:.1f}s, {r.tokens / r.seconds:,.0f} tok/s)")
+        if len(r.chunk_seconds) > 2:  # steady state: leave out the first chunk (compiles) and the last (partial)
+            later = r.chunk_seconds[1:-1]
+            score_s, train_s = sum(s for s, _ in later), sum(t for _, t in later)
+            steps = r.train_steps * len(later) // max(1, len(r.chunk_seconds) - 1)
+            log(f"  steady state over {len(later)} chunks of {h.ttt_chunk_tokens:,} tokens: scoring {len(later) * h.ttt_chunk_tokens / score_s:,.0f} tok/s, training {1000 * train_s / max(1, steps):.1f} ms/step ({h.ttt_batch_seqs // rt.world_size} sequences per rank); first chunk {sum(r.chunk_seconds[0]):.1f}s")
 
 
 def main():
@@ -1612,22 +1602,23 @@ def main():
         ema = WeightEMA(list(model.parameters()), h.ema_decay, h.ema_power)
         clock = time.perf_counter()
         result = train(model, optimizers, ema, make_loader(), h, rt, log)
-        choice, raw_weights = choose_final_weights(model, ema, lambda: make_loader(seed_offset=2), h.gptq_calib_seqs, rt, log)
+        raw_weights = ema.swap_in()
         hessians = collect_hessians(model, make_loader(seed_offset=1), h.gptq_calib_seqs, rt)
         frozen_at = agreed_elapsed(clock, rt)
         log(f"weights frozen {frozen_at:.1f}s after the clock started (training {result.seconds:.1f}s + GPTQ calibration {frozen_at - result.seconds:.1f}s; limit {h.max_wallclock_seconds:.0f}s)")
         if frozen_at > h.max_wallclock_seconds:
             log(f"WARNING: training plus calibration took {frozen_at:.1f}s, over MAX_WALLCLOCK_SECONDS; raise GPTQ_RESERVE_SECONDS")
         log(f"peak GPU memory: {torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f} GiB" if rt.device.type == "cuda" else "peak GPU memory: n/a (cpu)")
-        summary.update(final=choice, steps=result.steps, train_seconds=round(frozen_at, 2), stop_reason=result.stop_reason, train_tokens_per_second={k: round(v) for k, v in result.tokens_per_second.items()})
+        summary.update(steps=result.steps, train_seconds=round(frozen_at, 2), stop_reason=result.stop_reason, train_tokens_per_second={k: round(v) for k, v in result.tokens_per_second.items()})
 
-        weights = {"raw": raw_weights, "ema": ema.shadow}
-        for label in sorted(weights, key=lambda k: k == choice):  # the chosen weights last: they stay loaded
-            torch._foreach_copy_([p.detach() for p in model.parameters()], weights[label])
+        for label, weights in (("raw", raw_weights), ("ema", ema.shadow)):  # the EMA weights stay loaded
+            torch._foreach_copy_([p.detach() for p in model.parameters()], weights)
             with timer(f"eval_{label}"):
                 r = evaluate(model, val_tokens, tables, h.eval_seq_len, None, h.eval_batch_seqs, rt)
             results[label] = r
             log(f"eval {label}: val_loss {r.loss:.5f} val_bpb {r.bpb:.5f}")
+        if h.checkpoint_path and rt.is_main:  # the unquantized final weights, for quantization studies
+            torch.save({"state_dict": model.state_dict(), "looping": model.looping}, h.checkpoint_path)
 
         with timer("gptq"):
             qstate = quantize_model(model, hessians, h, rt)
@@ -1649,8 +1640,8 @@ def main():
     with timer("load_artifact"):
         model, _ = load_artifact_model(h, rt, log)
     run_evaluations(model, val_tokens, tables, h, rt, log, timer, results)
-    if "final" in summary:
-        log(f"quantization gap: {results['quantized'].bpb - results[summary['final']].bpb:+.5f} bpb (quantized - {summary['final']} weights)")
+    if "ema" in results:
+        log(f"quantization gap: {results['quantized'].bpb - results['ema'].bpb:+.5f} bpb (quantized - EMA)")
     final = results["ttt" if "ttt" in results else "sliding"]
     summary.update(
         val_bpb=round(final.bpb, 6),

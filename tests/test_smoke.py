@@ -16,7 +16,7 @@ TINY_ENV = dict(
     EVAL_SEQ_LEN="32", EVAL_STRIDE="16", EVAL_BATCH_SEQS="16", TTT_CHUNK_TOKENS="512", TTT_BATCH_SEQS="16",
     TRAIN_BATCH_TOKENS="512", COMPILE="0", WARMUP_STEPS="2", ITERATIONS="12", MAX_WALLCLOCK_SECONDS="300",
     GPTQ_RESERVE_SECONDS="5", PASSTHROUGH_MAX_NUMEL="4096", GPTQ_CALIB_SEQS="8", LOG_EVERY="4",
-    COMPRESS_LEVEL="6", PACK_CODE="1", RUN_ID="smoke",
+    COMPRESS_LEVEL="6", PACK_CODE="1", RUN_ID="smoke", CHECKPOINT_PATH="final.pt",
 )
 
 
@@ -63,6 +63,15 @@ def test_submission_json(smoke_run):
     assert sizes["weights"] == (cwd / "final_model.pgq").stat().st_size
     assert sizes["code"] == (cwd / "train_gpt.packed.py").stat().st_size
     assert summary["torch"] and summary["hardware"] and summary["eval_seconds"]["ttt"] > 0
+
+
+def test_checkpoint_holds_the_unquantized_final_weights(smoke_run):
+    import torch
+
+    cwd, _, _ = smoke_run
+    ckpt = torch.load(cwd / "final.pt")
+    assert ckpt["looping"] in (True, False)
+    assert "tok_emb.weight" in ckpt["state_dict"] and ckpt["state_dict"]["tok_emb.weight"].dtype == torch.float32
 
 
 def test_self_extracting_copy_evaluates_the_artifact_identically(smoke_run, tmp_path):

@@ -206,21 +206,3 @@ def test_warm_up_restores_model_and_optimizer_state(tmp_path, tiny_data):
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
 
-
-def test_final_weights_are_whichever_has_the_lower_training_loss(tmp_path, tiny_data):
-    h, rt, model, opt, make_loader = _tiny_training(tmp_path, tiny_data, grad_accum_steps=1)
-    ema = tg.WeightEMA(list(model.parameters()), h.ema_decay, h.ema_power)
-    for _ in range(15):
-        tg.train_step(model, opt, make_loader(), h, rt, 1, 1.0, 0.95)
-    trained = [p.detach().clone() for p in model.parameters()]
-    # an EMA stuck at the initialisation is worse than the trained weights: keep the raw ones
-    choice, raw = tg.choose_final_weights(model, ema, make_loader, 8, rt, lambda msg: None)
-    assert choice == "raw" and all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
-    # an EMA holding the trained weights while the raw ones were reset is better: swap it in
-    ema.shadow = [t.clone() for t in trained]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5)
-    choice, raw = tg.choose_final_weights(model, ema, make_loader, 8, rt, lambda msg: None)
-    assert choice == "ema" and all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
-    assert not torch.equal(raw[0], trained[0])

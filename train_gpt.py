@@ -1344,14 +1344,16 @@ def self_extracting_source(source: bytes) -> bytes:
     return b"import base64,lzma\nexec(compile(lzma.decompress(base64.b85decode(b'" + payload + b"')),'train_gpt.py','exec'))\n"
 
 
-def code_bytes(h: Hyperparameters, log: Logger) -> int:
-    """Bytes of the code that would be submitted: this file, or its self-extracting copy."""
+def code_bytes(h: Hyperparameters, log: Logger, write: bool) -> int:
+    """Bytes of the code that would be submitted: this file, or its self-extracting copy
+    (written next to the artifact when `write`)."""
     source = Path(__file__).read_bytes()
     if not h.pack_code:
         return len(source)
     packed = self_extracting_source(source)
     path = Path(h.artifact_path).with_name("train_gpt.packed.py")
-    path.write_bytes(packed)
+    if write:
+        path.write_bytes(packed)
     log(f"code: {len(source):,} bytes readable, {len(packed):,} bytes self-extracting ({path})")
     return len(packed)
 
@@ -1632,7 +1634,7 @@ def main():
             dist.barrier()
 
     weight_bytes = Path(h.artifact_path).stat().st_size
-    code = code_bytes(h, log)
+    code = code_bytes(h, log, write=rt.is_main)
     log(f"artifact: weights {weight_bytes:,} + code {code:,} = {weight_bytes + code:,} bytes (limit {ARTIFACT_LIMIT_BYTES:,})")
     total = check_artifact_size(weight_bytes, code)
     summary.update(artifact_bytes=dict(weights=weight_bytes, code=code, total=total))

@@ -116,6 +116,8 @@ class Hyperparameters:
     gptq_calib_seqs: int = _param(64, lo=1)
     gptq_block_size: int = _param(128, lo=1)
     gptq_damp: float = _param(0.01, lo=0, lo_open=True)
+    quant_alloc_seqs: int = _param(64, lo=0)  # training sequences that measure each group's rounding damage; 0: the record's uniform steps
+    quant_alloc_max_ratio: float = _param(2.0, lo=1)  # allocated steps stay within [1/ratio, ratio] x the record's
     matrix_bits: int = _param(6, lo=2, hi=8)
     matrix_clip_k: float = _param(12.85, lo=0, lo_open=True)
     embed_bits: int = _param(8, lo=2, hi=8)
@@ -1041,20 +1043,24 @@ def collect_hessians(model: GPT, loader: TrainLoader, num_seqs: int, rt: Runtime
     return hessians
 
 
-def sdclip_scales(W: torch.Tensor, clip_k: float, qmax: int) -> torch.Tensor:
-    """SDClip: per-row scale k * std(row) / qmax, rounded to fp16 (as stored)."""
+def sdclip_scales(W: torch.Tensor, clip_k, qmax) -> torch.Tensor:
+    """SDClip: per-row scale k * std(row) / qmax, rounded to fp16 (as stored). For a stack of
+    matrices [n, rows, cols], k and qmax may be tensors [n, 1], one value per matrix."""
     return (clip_k * W.float().std(dim=-1) / qmax).clamp_min(1e-8).half().float()
 
 
 @torch.no_grad()
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, qmax: int, clip_k: float, block_size: int = 128, damp: float = 0.01):
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, qmax, clip_k, block_size: int = 128, damp: float = 0.01):
     """Full-Hessian GPTQ, batched over a stack of matrices W [n, rows, cols] with Hessians
-    H [n, cols, cols]. Columns are quantized in descending order of the Hessian diagonal, in
-    blocks, propagating each column's error through the upper Cholesky factor of H^-1.
-    Returns integer codes [n, rows, cols] in [-qmax, qmax] and fp16-exact row scales [n, rows]."""
+    H [n, cols, cols]; qmax and clip_k are numbers or one value per matrix. Columns are quantized
+    in descending order of the Hessian diagonal, in blocks, propagating each column's error
+    through the upper Cholesky factor of H^-1. Returns integer codes [n, rows, cols] in
+    [-qmax, qmax] and fp16-exact row scales [n, rows]."""
     W, H = W.float().clone(), H.float().clone()
     n, rows, cols = W.shape
-    scale = sdclip_scales(W, clip_k, qmax)
+    qmax = torch.as_tensor(qmax, dtype=torch.float32, device=W.device).reshape(-1, 1)
+    scale = sdclip_scales(W, torch.as_tensor(clip_k, dtype=torch.float32, device=W.device).reshape(-1, 1), qmax)
+    qmax = qmax[:, :, None]
     diag = H.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0  # inputs that never fire: weight irrelevant, keep H invertible
     diag[dead] = 1.0
@@ -1075,7 +1081,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, qmax: int, clip_k: float, bl
         errors = torch.zeros_like(Wb)
         for j in range(i1 - i0):
             w = Wb[:, :, j : j + 1]
-            q = torch.clamp(torch.round(w / s), -qmax, qmax)
+            q = torch.minimum(torch.maximum(torch.round(w / s), -qmax), qmax)
             codes[:, :, i0 + j : i0 + j + 1] = q
             err = (w - q * s) / Ub[:, j, j][:, None, None]
             Wb[:, :, j:] -= err * Ub[:, j : j + 1, j:]
@@ -1101,10 +1107,24 @@ class QuantizedTensor:
         return self.codes.float() * self.scale[:, None]
 
 
-def quantize_model(model: GPT, hessians: dict, h: Hyperparameters, rt: Runtime) -> dict:
-    """GPTQ for every block matrix (int-MATRIX_BITS) and the embedding (int-EMBED_BITS); small
-    tensors pass through as fp16. Matrices of equal shape are quantized as one batch; the
-    batches' members are dealt across ranks and the results broadcast from their owners."""
+def quantization_step(h: Hyperparameters, name: str, multiplier: float = 1.0) -> tuple[int, float]:
+    """(qmax, clip_k) of a matrix quantized with `multiplier` times the record's step. The record's
+    step is k/qmax row standard deviations (int6 k 12.85 for block matrices, int8 k 20 for the
+    embedding); a finer step widens the integer range, up to int8, so that rows still reach
+    +-k standard deviations before clipping. Entropy coding makes the wider range free."""
+    bits, k = (h.embed_bits, h.embed_clip_k) if name == "tok_emb.weight" else (h.matrix_bits, h.matrix_clip_k)
+    step = multiplier * k / (2 ** (bits - 1) - 1)
+    while bits < 8 and (2 ** (bits - 1) - 1) * step < k:
+        bits += 1
+    qmax = 2 ** (bits - 1) - 1
+    return qmax, step * qmax
+
+
+def quantize_model(model: GPT, hessians: dict, h: Hyperparameters, rt: Runtime, step_multipliers: dict[str, float] | None = None) -> dict:
+    """GPTQ for every block matrix and the embedding, each with the record's step times its
+    multiplier (default 1); small tensors pass through as fp16. Matrices of equal shape are
+    quantized as one batch; the batches' members are dealt across ranks and the results
+    broadcast from their owners."""
     state = model.state_dict()
     targets = quantized_matrices(model)
     groups: dict[tuple, list[str]] = {}
@@ -1112,13 +1132,11 @@ def quantize_model(model: GPT, hessians: dict, h: Hyperparameters, rt: Runtime) 
         groups.setdefault(tuple(state[name].shape), []).append(name)
     result = {}
     for names in groups.values():
-        is_embed = names == ["tok_emb.weight"]
-        qmax = 2 ** ((h.embed_bits if is_embed else h.matrix_bits) - 1) - 1
-        clip_k = h.embed_clip_k if is_embed else h.matrix_clip_k
         mine = names[rt.rank :: rt.world_size]
         if mine:
             W = torch.stack([state[n].to(rt.device) for n in mine])
             H = torch.stack([hessians[n] for n in mine])
+            qmax, clip_k = zip(*(quantization_step(h, n, (step_multipliers or {}).get(n, 1.0)) for n in mine))
             codes, scales = gptq_quantize(W, H, qmax, clip_k, h.gptq_block_size, h.gptq_damp)
         for i, name in enumerate(names):
             owner = i % rt.world_size
@@ -1138,6 +1156,86 @@ def quantize_model(model: GPT, hessians: dict, h: Hyperparameters, rt: Runtime) 
                 raise ValueError(f"{name} has {t.numel()} elements: not quantized and above PASSTHROUGH_MAX_NUMEL={h.passthrough_max_numel}")
             result[name] = t.detach().cpu().half()
     return result
+
+
+def quantization_groups(model: GPT) -> dict[str, list[str]]:
+    """The units that the step allocation works on: the embedding, and per block its attention
+    matrices and its MLP matrices."""
+    groups: dict[str, list[str]] = {}
+    for name in quantized_matrices(model):
+        groups.setdefault(name.rsplit(".", 2)[0], []).append(name)
+    return groups
+
+
+@torch.no_grad()
+def measure_rounding_damage(model: GPT, qstate: dict, loader: TrainLoader, num_seqs: int, rt: Runtime) -> dict[str, float]:
+    """For each quantization group, the increase of the mean training loss (nats per token) when
+    that group alone takes its quantized values. Training data only; each rank scores its share
+    of the sequences and the sums are all-reduced, so every rank gets the same figures."""
+    params = dict(model.named_parameters())
+    local = num_seqs // rt.world_size + (rt.rank < num_seqs % rt.world_size)
+    batches, have = [], 0
+    while have < local:
+        x, y = loader.next_batch()
+        batches.append((x[: local - have], y[: local - have]))
+        have += len(batches[-1][0])
+
+    def mean_loss() -> float:
+        total = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        with autocast(rt.device):  # a fresh context: autocast caches bf16 copies of the weights until it exits
+            for x, y in batches:
+                total[0] += model(x, y).double() * y.numel()
+                total[1] += y.numel()
+        total = all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    damage = {}
+    with torch.compiler.set_stance("force_eager"):
+        base = mean_loss()
+        for group, names in quantization_groups(model).items():
+            kept = [params[n].detach().clone() for n in names]
+            for n in names:
+                params[n].detach().copy_(qstate[n].dequantize())
+            damage[group] = mean_loss() - base
+            for n, w in zip(names, kept):
+                params[n].detach().copy_(w)
+    return damage
+
+
+def allocate_step_multipliers(damage: dict[str, float], sizes: dict[str, int], max_ratio: float) -> dict[str, float]:
+    """Per-group step multipliers r that minimise the predicted damage sum_g damage_g r_g^2
+    (rounding damage grows with the square of the step) at an unchanged artifact size: an
+    entropy-coded weight costs log2(1/step) + const bits, so the size stays put while
+    sum_g size_g log r_g = 0. Lagrange gives r_g^2 proportional to size_g / damage_g; the constant
+    is found by bisection, with every r_g clamped to [1/max_ratio, max_ratio]."""
+    groups = list(damage)
+    size = np.array([sizes[g] for g in groups], dtype=np.float64)
+    hurt = np.maximum(np.array([damage[g] for g in groups], dtype=np.float64), 1e-12)  # noise can push a tiny damage <= 0
+    log_r = 0.5 * np.log(size / hurt)  # log r_g up to the common constant
+    bound = math.log(max_ratio)
+    lo, hi = -log_r.max() - bound, -log_r.min() + bound  # every r_g at its lower / upper clamp
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if (size * np.clip(log_r + mid, -bound, bound)).sum() > 0 else (mid, hi)
+    return dict(zip(groups, np.exp(np.clip(log_r + (lo + hi) / 2, -bound, bound)).tolist()))
+
+
+def allocate_quantization_steps(model: GPT, hessians: dict, loader: TrainLoader, h: Hyperparameters, rt: Runtime, log: Logger) -> dict[str, float]:
+    """Spends the artifact's bits where rounding hurts most. Quantizes once with the record's
+    steps, measures each group's damage on QUANT_ALLOC_SEQS training sequences and returns the
+    step multiplier of every quantized matrix. Part of calibration: inside the training budget."""
+    trial = quantize_model(model, hessians, h, rt)
+    damage = measure_rounding_damage(model, trial, loader, h.quant_alloc_seqs, rt)
+    groups = quantization_groups(model)
+    state = model.state_dict()
+    sizes = {g: sum(state[n].numel() for n in names) for g, names in groups.items()}
+    multipliers = allocate_step_multipliers(damage, sizes, h.quant_alloc_max_ratio)
+    predicted = sum(max(d, 0.0) * multipliers[g] ** 2 for g, d in damage.items())
+    log(f"quantization steps: rounding damage {sum(damage.values()):.5f} nats with the record's steps, {predicted:.5f} predicted after allocation at equal size")
+    for g, names in groups.items():
+        qmax, _ = quantization_step(h, names[0], multipliers[g])
+        log(f"  {g:16s} damage {damage[g]:+.5f} nats  step x{multipliers[g]:.2f}  int{int(qmax).bit_length() + 1}")
+    return {n: multipliers[g] for g, names in groups.items() for n in names}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1187,11 +1285,14 @@ def decompress(data: bytes) -> bytes:
 
 
 # rANS entropy coder for the integer codes. The codes of a GPTQ'd matrix are nearly independent
-# draws from one bell-shaped distribution, so a static order-0 model is all there is to exploit:
-# rANS reaches its entropy within ~0.05%, where brotli stays ~1% above. RANS_LANES interleaved
-# states make encoding and decoding vectorised numpy over lanes (the lanes' final states cost
-# 4 bytes each). States live in [RANS_LOW, 256 RANS_LOW) and renormalise a byte at a time.
+# draws from one bell-shaped distribution, so a static order-0 model per tensor is all there is
+# to exploit: rANS reaches its entropy within ~0.05%, where brotli stays ~1% above. Tensors
+# quantized with different steps have differently wide distributions, so each tensor gets its
+# own frequency table (its context) inside one shared stream. RANS_LANES interleaved states make
+# encoding and decoding vectorised numpy over lanes (the lanes' final states cost 4 bytes each).
+# States live in [RANS_LOW, 256 RANS_LOW) and renormalise a byte at a time.
 RANS_PROB_BITS, RANS_LOW, RANS_LANES = 16, 1 << 23, 1024
+RANS_ALPHABET, RANS_OFFSET = 256, 128  # int8 codes -128..127 are symbols 0..255
 
 
 def rans_frequencies(symbols: np.ndarray, alphabet: int) -> np.ndarray:
@@ -1203,17 +1304,31 @@ def rans_frequencies(symbols: np.ndarray, alphabet: int) -> np.ndarray:
     return freq
 
 
-def rans_encode(symbols: np.ndarray, alphabet: int) -> bytes:
-    """Layout: u32 count | u16 alphabet | u16 index of the largest frequency (stored as 0, as it
-    may not fit 16 bits) | u16 frequencies | u32 lane states | renormalisation bytes. Symbol i is
-    coded by lane i % RANS_LANES; the bytes are laid out in the order the decoder reads them."""
-    symbols = np.asarray(symbols, np.int64)
-    n, lanes = len(symbols), RANS_LANES
-    freq = rans_frequencies(symbols, alphabet)
-    cum, top = np.cumsum(freq) - freq, int(np.argmax(freq))
+def rans_encode(arrays: list[np.ndarray]) -> bytes:
+    """Codes every int8-range array with its own order-0 table, all in one interleaved stream.
+    Layout: u32 number of arrays | per array: u32 count, u8 lowest and u8 highest symbol, u8 the
+    most frequent symbol (its frequency is stored as 0, as it may not fit 16 bits), u16
+    frequencies of the symbols lowest..highest | u32 lane states | renormalisation bytes. Symbol
+    i of the concatenation is coded by lane i % RANS_LANES; the bytes are laid out in the order
+    the decoder reads them."""
+    symbols = [np.asarray(a, np.int64).ravel() + RANS_OFFSET for a in arrays]
+    if any(len(a) == 0 or a.min() < 0 or a.max() >= RANS_ALPHABET for a in symbols):
+        raise ValueError("rans_encode: every array must be non-empty with values in -128..127")
+    freq = np.stack([rans_frequencies(a, RANS_ALPHABET) for a in symbols])
+    cum = np.cumsum(freq, axis=1) - freq
+    header = struct.pack("<I", len(symbols))
+    for a, f in zip(symbols, freq):
+        lo, hi, top = int(a.min()), int(a.max()), int(np.argmax(f))
+        stored = f[lo : hi + 1].copy()
+        stored[top - lo] = 0
+        header += struct.pack("<IBBB", len(a), lo, hi, top) + stored.astype("<u2").tobytes()
+    # a key indexes the flattened [array, symbol] tables
+    keys = np.concatenate([c * RANS_ALPHABET + a for c, a in enumerate(symbols)])
+    freq, cum = freq.ravel(), cum.ravel()
+    n, lanes = len(keys), RANS_LANES
     steps = -(-n // lanes)
-    grid = np.full(steps * lanes, top, np.int64)  # padding lanes are skipped, never coded
-    grid[:n] = symbols
+    grid = np.full(steps * lanes, keys[0], np.int64)  # padding lanes are skipped, never coded
+    grid[:n] = keys
     grid = grid.reshape(steps, lanes)
     x = np.full(lanes, RANS_LOW, np.int64)
     out, end = np.empty(2 * steps * lanes, np.uint8), 2 * steps * lanes
@@ -1231,32 +1346,45 @@ def rans_encode(symbols: np.ndarray, alphabet: int) -> bytes:
         x = x >> (8 * emit)
         x = np.where(active, ((x // f) << RANS_PROB_BITS) + x % f + c, x)
         end = start
-    stored = freq.copy()
-    stored[top] = 0
-    return struct.pack("<IHH", n, alphabet, top) + stored.astype("<u2").tobytes() + x.astype("<u4").tobytes() + out[end:].tobytes()
+    return header + x.astype("<u4").tobytes() + out[end:].tobytes()
 
 
-def rans_decode(data: bytes) -> tuple[np.ndarray, int]:
-    """Inverse of rans_encode: (symbols, bytes consumed)."""
-    n, alphabet, top = struct.unpack_from("<IHH", data)
-    lanes, offset = RANS_LANES, 8
-    freq = np.frombuffer(data, "<u2", alphabet, offset).astype(np.int64)
-    freq[top] = (1 << RANS_PROB_BITS) - freq.sum()
-    if freq[top] <= 0:
-        raise ValueError("artifact: corrupt rANS frequency table")
-    offset += 2 * alphabet
+def rans_decode(data: bytes) -> tuple[list[np.ndarray], int]:
+    """Inverse of rans_encode: (the int8-valued arrays, as int64, flat; bytes consumed)."""
+    (num_arrays,) = struct.unpack_from("<I", data)
+    offset, total = 4, 1 << RANS_PROB_BITS
+    counts, freq = [], np.zeros((num_arrays, RANS_ALPHABET), np.int64)
+    for c in range(num_arrays):
+        count, lo, hi, top = struct.unpack_from("<IBBB", data, offset)
+        offset += 7
+        if not lo <= top <= hi:
+            raise ValueError("artifact: corrupt rANS frequency table")
+        freq[c, lo : hi + 1] = np.frombuffer(data, "<u2", hi - lo + 1, offset)
+        offset += 2 * (hi - lo + 1)
+        freq[c, top] = total - freq[c].sum()
+        if freq[c, top] <= 0:
+            raise ValueError("artifact: corrupt rANS frequency table")
+        counts.append(count)
+    cum = (np.cumsum(freq, axis=1) - freq).ravel()
+    slot_symbol = np.stack([np.repeat(np.arange(RANS_ALPHABET), f) for f in freq]).ravel()  # [array, slot]
+    freq = freq.ravel()
+    lanes = RANS_LANES
     x = np.frombuffer(data, "<u4", lanes, offset).astype(np.int64)
     offset += 4 * lanes
-    cum, slot_symbol = np.cumsum(freq) - freq, np.repeat(np.arange(alphabet), freq)
     stream = np.frombuffer(data, np.uint8, offset=offset).astype(np.int64)
+    n = sum(counts)
     steps, lane, pos = -(-n // lanes), np.arange(lanes), 0
+    context = np.zeros(steps * lanes, np.int64)
+    context[:n] = np.repeat(np.arange(num_arrays), counts)
     out = np.empty(steps * lanes, np.int64)
-    mask = (1 << RANS_PROB_BITS) - 1
+    mask = total - 1
     for t in range(steps):
         active = t * lanes + lane < n
+        ctx = context[t * lanes : (t + 1) * lanes]
         slot = x & mask
-        s = slot_symbol[slot]
-        x = np.where(active, freq[s] * (x >> RANS_PROB_BITS) + slot - cum[s], x)
+        s = slot_symbol[(ctx << RANS_PROB_BITS) + slot]
+        key = ctx * RANS_ALPHABET + s
+        x = np.where(active, freq[key] * (x >> RANS_PROB_BITS) + slot - cum[key], x)
         out[t * lanes : (t + 1) * lanes] = s
         read = (x < RANS_LOW).astype(np.int64) + (x < (RANS_LOW >> 8))
         if pos + read.sum() > len(stream):
@@ -1268,36 +1396,32 @@ def rans_decode(data: bytes) -> tuple[np.ndarray, int]:
         pos += int(read.sum())
     if not (x == RANS_LOW).all():
         raise ValueError("artifact: corrupt rANS stream")
-    return out[:n], offset + pos
+    return np.split(out[:n] - RANS_OFFSET, np.cumsum(counts)[:-1]), offset + pos
 
 
-def artifact_layout(h: Hyperparameters) -> list[tuple[str, torch.Size, int]]:
-    """(name, shape, bits) of every stored tensor in state_dict order (bits 0: fp16 passthrough),
-    derived from the architecture alone so that the artifact stores no names or shapes."""
+def artifact_layout(h: Hyperparameters) -> list[tuple[str, torch.Size, bool]]:
+    """(name, shape, quantized?) of every stored tensor in state_dict order, derived from the
+    architecture alone so that the artifact stores no names or shapes."""
     with torch.device("meta"):
         model = GPT(h)
     quantized = quantized_matrices(model)
-    return [(name, t.shape, (h.embed_bits if name == "tok_emb.weight" else h.matrix_bits) if name in quantized else 0) for name, t in model.state_dict().items()]
+    return [(name, t.shape, name in quantized) for name, t in model.state_dict().items()]
 
 
 def pack_artifact(qstate: dict, h: Hyperparameters, looping: bool) -> bytes:
     """Layout: magic | u32 header length | JSON header (architecture, whether the trained model
-    runs with depth recurrence) | per bit width, one rANS stream of all codes of that width in
-    state_dict order | compressed remainder: all row scales, then all passthrough tensors, as
-    fp16, byte-shuffled."""
+    runs with depth recurrence) | one rANS stream of the integer codes of every quantized tensor
+    in state_dict order, a frequency table per tensor | compressed remainder: all row scales,
+    then all passthrough tensors, as fp16, byte-shuffled."""
     layout = artifact_layout(h)
     if set(qstate) != {name for name, _, _ in layout}:
         raise ValueError("pack_artifact: tensors do not match the architecture")
-    streams = b""
-    for bits in sorted({b for _, _, b in layout if b}):
-        qmax = 2 ** (bits - 1) - 1
-        codes = np.concatenate([qstate[name].codes.numpy().ravel() for name, _, b in layout if b == bits])
-        streams += rans_encode(codes.astype(np.int64) + qmax, 2 * qmax + 1)
-    scales = b"".join(qstate[name].scale.half().numpy().tobytes() for name, _, b in layout if b)
-    plain = b"".join(qstate[name].half().numpy().tobytes() for name, _, b in layout if not b)
+    stream = rans_encode([qstate[name].codes.numpy() for name, _, quantized in layout if quantized])
+    scales = b"".join(qstate[name].scale.half().numpy().tobytes() for name, _, quantized in layout if quantized)
+    plain = b"".join(qstate[name].half().numpy().tobytes() for name, _, quantized in layout if not quantized)
     rest = compress(byte_shuffle(scales, 2) + byte_shuffle(plain, 2), h.compressor, h.compress_level)
     header = json.dumps({"arch": {k: getattr(h, k) for k in ARCH_FIELDS}, "looping": looping}, separators=(",", ":")).encode()
-    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + streams + rest
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + stream + rest
 
 
 def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Tensor], bool]:
@@ -1312,24 +1436,23 @@ def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Te
         if getattr(h, k) != v:
             raise ValueError(f"artifact was trained with {k.upper()}={v}, but {k.upper()}={getattr(h, k)} now")
     layout = artifact_layout(h)
-    codes = {}
-    for bits in sorted({b for _, _, b in layout if b}):
-        symbols, used = rans_decode(data[offset:])
-        offset += used
-        sizes = [math.prod(shape) for _, shape, b in layout if b == bits]
-        codes[bits] = iter(np.split(symbols - (2 ** (bits - 1) - 1), np.cumsum(sizes)[:-1]))
-    rest = decompress(data[offset:])
-    scale_sizes = [shape[0] for _, shape, b in layout if b]
-    plain_sizes = [math.prod(shape) for _, shape, b in layout if not b]
+    arrays, used = rans_decode(data[offset:])
+    shapes = [shape for _, shape, quantized in layout if quantized]
+    if [len(a) for a in arrays] != [math.prod(shape) for shape in shapes]:
+        raise ValueError("artifact: code counts do not match the architecture")
+    codes = iter(arrays)
+    rest = decompress(data[offset + used :])
+    scale_sizes = [shape[0] for shape in shapes]
+    plain_sizes = [math.prod(shape) for _, shape, quantized in layout if not quantized]
     if len(rest) != 2 * (sum(scale_sizes) + sum(plain_sizes)):
         raise ValueError("artifact: payload size does not match the architecture")
     split = 2 * sum(scale_sizes)
     scales = iter(np.split(np.frombuffer(byte_unshuffle(rest[:split], 2), np.float16), np.cumsum(scale_sizes)[:-1]))
     plain = iter(np.split(np.frombuffer(byte_unshuffle(rest[split:], 2), np.float16), np.cumsum(plain_sizes)[:-1]))
     state = {}
-    for name, shape, bits in layout:
-        if bits:
-            c = torch.from_numpy(next(codes[bits]).astype(np.int8)).view(shape)
+    for name, shape, quantized in layout:
+        if quantized:
+            c = torch.from_numpy(next(codes).astype(np.int8)).view(shape)
             s = torch.from_numpy(next(scales).astype(np.float32))
             state[name] = QuantizedTensor(c, s).dequantize()
         else:
@@ -1606,6 +1729,7 @@ def main():
         result = train(model, optimizers, ema, make_loader(), h, rt, log)
         raw_weights = ema.swap_in()
         hessians = collect_hessians(model, make_loader(seed_offset=1), h.gptq_calib_seqs, rt)
+        multipliers = allocate_quantization_steps(model, hessians, make_loader(seed_offset=2), h, rt, log) if h.quant_alloc_seqs else None
         frozen_at = agreed_elapsed(clock, rt)
         log(f"weights frozen {frozen_at:.1f}s after the clock started (training {result.seconds:.1f}s + GPTQ calibration {frozen_at - result.seconds:.1f}s; limit {h.max_wallclock_seconds:.0f}s)")
         if frozen_at > h.max_wallclock_seconds:
@@ -1623,7 +1747,7 @@ def main():
             torch.save({"state_dict": model.state_dict(), "looping": model.looping}, h.checkpoint_path)
 
         with timer("gptq"):
-            qstate = quantize_model(model, hessians, h, rt)
+            qstate = quantize_model(model, hessians, h, rt, multipliers)
         looping = model.looping
         del model, optimizers, ema, hessians
         if rt.is_main:

@@ -106,6 +106,107 @@ def test_gptq_split_across_ranks_matches_one_rank():
                 assert torch.equal(result[k], v), k
 
 
+def test_quantization_step_keeps_the_clip_range_when_the_step_shrinks():
+    h = tiny_hyperparameters()
+    assert tg.quantization_step(h, "blocks.0.mlp.fc.weight") == (31, pytest.approx(12.85))
+    assert tg.quantization_step(h, "tok_emb.weight") == (127, pytest.approx(20.0))
+    qmax, k = tg.quantization_step(h, "blocks.0.mlp.fc.weight", 0.5)  # half the step: int7
+    assert qmax == 63 and k / qmax == pytest.approx(0.5 * 12.85 / 31) and k >= 12.85
+    qmax, k = tg.quantization_step(h, "blocks.0.mlp.fc.weight", 2.0)  # coarser: int6 covers more
+    assert qmax == 31 and k == pytest.approx(25.7)
+    qmax, k = tg.quantization_step(h, "tok_emb.weight", 0.5)  # int8 is the widest: clips earlier
+    assert qmax == 127 and k == pytest.approx(10.0)
+
+
+def test_gptq_takes_one_range_per_matrix():
+    problems = [_correlated_problem(seed=s) for s in range(2)]
+    W = torch.stack([w for w, _ in problems])
+    H = torch.stack([x.T @ x for _, x in problems])
+    codes, scales = tg.gptq_quantize(W, H, (31, 63), (12.85, 5.0), block_size=32)
+    for i, (qmax, k) in enumerate([(31, 12.85), (63, 5.0)]):
+        c, s = tg.gptq_quantize(W[i : i + 1], H[i : i + 1], qmax, k, block_size=32)
+        assert torch.equal(codes[i], c[0]) and torch.equal(scales[i], s[0])
+    assert codes[0].abs().max() <= 31 < codes[1].abs().max() <= 63
+
+
+def test_quantize_model_applies_step_multipliers(cpu_runtime):
+    h = tiny_hyperparameters()
+    model, hessians = _tiny_model_and_hessians(h)
+    name = "blocks.2.attn.proj.weight"
+    base = tg.quantize_model(model, hessians, h, cpu_runtime)
+    finer = tg.quantize_model(model, hessians, h, cpu_runtime, {name: 0.1, "tok_emb.weight": 2.0})
+    W = model.state_dict()[name]
+    assert torch.equal(finer[name].scale, (0.1 * 12.85 / 31 * W.std(dim=-1)).half().float())
+    assert finer[name].codes.abs().max() > 31  # a wider range than int6 in use
+    error = lambda q, n: (q[n].dequantize() - model.state_dict()[n]).norm()
+    assert error(finer, name) < 0.2 * error(base, name)
+    assert error(finer, "tok_emb.weight") > 1.6 * error(base, "tok_emb.weight")
+    other = "blocks.1.mlp.fc.weight"  # untouched matrices quantize exactly as before
+    assert torch.equal(finer[other].codes, base[other].codes)
+
+
+def test_step_allocation_is_size_neutral_and_favours_sensitive_groups():
+    sizes = {"a": 1000, "b": 4000, "c": 2000, "d": 500}
+    damage = {"a": 1e-3, "b": 2e-4, "c": 4e-4, "d": -1e-6}  # d: measured as noise below zero
+    r = tg.allocate_step_multipliers(damage, sizes, max_ratio=3.0)
+    assert sum(sizes[g] * np.log(r[g]) for g in sizes) == pytest.approx(0, abs=1e-6)
+    assert r["a"] < r["c"] < 1 < r["b"] and r["d"] == pytest.approx(3.0)  # clamped
+    assert all(1 / 3 - 1e-9 <= v <= 3 + 1e-9 for v in r.values())
+    # unclamped groups sit at the Lagrange optimum: damage * r^2 / size equal
+    assert damage["b"] * r["b"] ** 2 / sizes["b"] == pytest.approx(damage["c"] * r["c"] ** 2 / sizes["c"], rel=1e-6)
+    assert r["a"] == pytest.approx(1 / 3)  # clamped
+    predicted = sum(max(damage[g], 0) * r[g] ** 2 for g in sizes)
+    assert predicted < 0.8 * sum(max(d, 0) for d in damage.values())
+    proportional = tg.allocate_step_multipliers({g: 1e-7 * n for g, n in sizes.items()}, sizes, 2.0)
+    assert all(v == pytest.approx(1.0) for v in proportional.values())  # already balanced
+    assert all(v == 1.0 for v in tg.allocate_step_multipliers(damage, sizes, 1.0).values())  # ratio 1: off
+
+
+def _damage_setup(tiny_data, rank=0, world_size=1):
+    root, _ = tiny_data
+    h = tiny_hyperparameters(data_dir=str(root))
+    model, hessians = _tiny_model_and_hessians(h)
+    model.looping = True
+    rt = tg.Runtime(rank, world_size, 0, torch.device("cpu"))
+    loader = tg.TrainLoader(tg.find_shards(h, "train"), h.train_seq_len, 3, rank, world_size, 5, h.vocab_size, rt.device)
+    return h, model, hessians, rt, loader
+
+
+def test_rounding_damage_is_the_loss_increase_of_each_group_alone(tiny_data):
+    h, model, hessians, rt, loader = _damage_setup(tiny_data)
+    q = tg.quantize_model(model, hessians, h, rt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    damage = tg.measure_rounding_damage(model, q, loader, 5, rt)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # weights restored
+    groups = tg.quantization_groups(model)
+    assert list(damage) == list(groups) == ["tok_emb", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp", "blocks.2.attn", "blocks.2.mlp", "blocks.3.attn", "blocks.3.mlp"]
+    # independent check of one group on the same five sequences
+    _, _, _, _, again = _damage_setup(tiny_data)
+    x, y = (torch.cat(t)[:5] for t in zip(again.next_batch(), again.next_batch()))
+    with torch.no_grad():
+        with tg.autocast(rt.device):
+            base = model(x, y).item()
+        for n in groups["blocks.1.mlp"]:
+            dict(model.named_parameters())[n].copy_(q[n].dequantize())
+        with tg.autocast(rt.device):
+            hurt = model(x, y).item()
+    assert damage["blocks.1.mlp"] == pytest.approx(hurt - base, abs=1e-5)
+    assert damage["blocks.1.mlp"] != 0
+
+
+def _damage_on_rank(rank, world_size, data_root):
+    import conftest
+
+    h, model, hessians, rt, loader = _damage_setup((data_root, None), rank, world_size)
+    return tg.measure_rounding_damage(model, tg.quantize_model(model, hessians, h, rt), loader, 5, rt)
+
+
+def test_rounding_damage_agrees_across_ranks(tiny_data):
+    root, _ = tiny_data
+    a, b = run_distributed(_damage_on_rank, 2, root)
+    assert a == b  # all-reduced: every rank allocates the same steps
+
+
 def test_calibration_hessians_are_x_transpose_x_of_training_batches(tiny_data, cpu_runtime):
     root, _ = tiny_data
     h = tiny_hyperparameters(data_dir=str(root))
@@ -143,42 +244,60 @@ def test_compression_round_trip(method):
 
 
 def _gptq_like_codes(n, qmax=31, clip_k=12.85, seed=0):
+    """Signed integer codes distributed like those of a GPTQ'd matrix (heavy-ish tails)."""
     w = np.random.default_rng(seed).standard_t(6, size=n)
-    return np.clip(np.round(w / max(w.std(), 1e-9) * qmax / clip_k), -qmax, qmax).astype(np.int64) + qmax
+    return np.clip(np.round(w / max(w.std(), 1e-9) * qmax / clip_k), -qmax, qmax).astype(np.int64)
+
+
+def _entropy_bytes(codes):
+    p = np.unique(codes, return_counts=True)[1] / len(codes)
+    return len(codes) * -(p * np.log2(p)).sum() / 8
 
 
 @pytest.mark.parametrize("n", [1, 1023, 1024, 5000, 70001])
 def test_rans_round_trip(n):
     symbols = _gptq_like_codes(n, seed=n)
-    data = tg.rans_encode(symbols, 63)
+    data = tg.rans_encode([symbols])
     decoded, used = tg.rans_decode(data + b"trailing bytes belong to the next section")
-    assert np.array_equal(decoded, symbols) and used == len(data)
+    assert len(decoded) == 1 and np.array_equal(decoded[0], symbols) and used == len(data)
 
 
-def test_rans_edge_alphabets():
-    one_symbol = np.full(3000, 7)
-    decoded, _ = tg.rans_decode(tg.rans_encode(one_symbol, 63))
-    assert np.array_equal(decoded, one_symbol)
-    wide = np.random.default_rng(0).integers(0, 255, 50000)  # int8 alphabet, every symbol used
-    wide[:3] = (0, 254, 254)
-    decoded, _ = tg.rans_decode(tg.rans_encode(wide, 255))
-    assert np.array_equal(decoded, wide)
+def test_rans_several_arrays_with_their_own_tables():
+    arrays = [
+        _gptq_like_codes(5000, seed=1),
+        np.full(3000, 7),  # a single symbol
+        np.array([-128]),  # one element at the bottom of the int8 range
+        np.random.default_rng(0).integers(-128, 128, 50000),  # every int8 value
+        _gptq_like_codes(2047, qmax=127, clip_k=8.0, seed=2),
+    ]
+    arrays[3][:2] = (-128, 127)
+    decoded, used = tg.rans_decode(tg.rans_encode(arrays))
+    assert [len(d) for d in decoded] == [len(a) for a in arrays]
+    assert all(np.array_equal(d, a) for d, a in zip(decoded, arrays))
+    with pytest.raises(ValueError, match="non-empty with values in -128..127"):
+        tg.rans_encode([np.array([128])])
+    with pytest.raises(ValueError, match="non-empty"):
+        tg.rans_encode([np.array([], dtype=np.int64)])
 
 
 def test_rans_reaches_the_entropy_and_beats_brotli():
     import brotli
 
     symbols = _gptq_like_codes(2_000_000)
-    p = np.bincount(symbols) / len(symbols)
-    p = p[p > 0]
-    ideal = len(symbols) * -(p * np.log2(p)).sum() / 8
-    size = len(tg.rans_encode(symbols, 63))
-    assert size < ideal * 1.001 + 4 * tg.RANS_LANES + 200  # payload + lane states + table
-    assert size < 0.995 * len(brotli.compress((symbols - 31).astype(np.int8).tobytes(), quality=11, lgwin=24))
+    size = len(tg.rans_encode([symbols]))
+    assert size < _entropy_bytes(symbols) * 1.001 + 4 * tg.RANS_LANES + 200  # payload + lane states + table
+    assert size < 0.995 * len(brotli.compress(symbols.astype(np.int8).tobytes(), quality=11, lgwin=24))
+
+
+def test_per_array_tables_code_a_mixture_of_steps_at_the_sum_of_their_entropies():
+    fine, coarse = _gptq_like_codes(1_000_000, qmax=63, seed=3), _gptq_like_codes(1_000_000, qmax=15, seed=4)
+    separate = len(tg.rans_encode([fine, coarse]))
+    assert separate < (_entropy_bytes(fine) + _entropy_bytes(coarse)) * 1.001 + 4 * tg.RANS_LANES + 400
+    assert separate < 0.97 * len(tg.rans_encode([np.concatenate([fine, coarse])]))  # one shared table
 
 
 def test_rans_detects_corruption():
-    data = bytearray(tg.rans_encode(_gptq_like_codes(20000), 63))
+    data = bytearray(tg.rans_encode([_gptq_like_codes(20000)]))
     data[len(data) // 2] ^= 0x55
     with pytest.raises(ValueError, match="corrupt rANS stream"):
         tg.rans_decode(bytes(data))

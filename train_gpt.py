@@ -8,8 +8,10 @@ One file, read top to bottom in pipeline order:
     4. model       11-block recurrent transformer (XSA, partial RoPE, parallel residuals, U-Net skips)
     5. optimizer   Muon (row-normalised, batched Newton-Schulz, sharded across ranks) + AdamW
     6. training    schedule, EMA, compile warm-up, wallclock guard, train loop
-    7. quantize    Hessians on training data, GPTQ with SDClip row scales
-    8. serialize   flat artifact layout, byte shuffle, brotli, self-extracting code, 16 MB guard
+    7. quantize    Hessians on training data, GPTQ with SDClip row scales, steps allocated by
+                   measured rounding damage
+    8. serialize   flat artifact layout, rANS-coded integers, brotli remainder, self-extracting
+                   code, 16 MB guard
     9. evaluate    plain, sliding window, score-first test-time training
    10. main
 
@@ -125,7 +127,7 @@ class Hyperparameters:
     passthrough_max_numel: int = _param(65536, lo=0)
     compressor: str = _param("brotli", choices=("brotli", "zstd", "lzma"))  # for the fp16 remainder
     compress_level: int = _param(11, lo=0, hi=22)  # brotli 0-11, zstd 1-22, lzma 0-9
-    pack_code: bool = _param(False)  # count a self-extracting lzma copy of this file as the code
+    pack_code: bool = _param(True)  # count (and write) a self-extracting lzma copy of this file as the code; 0: the readable file
     # evaluation
     eval_seq_len: int = _param(2048, lo=2)
     eval_stride: int = _param(64, lo=1)

@@ -101,3 +101,11 @@ def test_world_size_two_with_same_global_batch_is_valid():
     h = tg.Hyperparameters.from_env({})
     h.validate(2)
     assert h.train_batch_tokens // (2 * h.accum_steps(2) * h.train_seq_len) == 48
+
+
+def test_readme_documents_every_hyperparameter():
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [f.name.upper() for f in dataclasses.fields(tg.Hyperparameters) if f"`{f.name.upper()}`" not in readme]
+    assert not missing, missing

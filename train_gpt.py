@@ -127,6 +127,7 @@ class Hyperparameters:
     passthrough_max_numel: int = _param(65536, lo=0)
     compressor: str = _param("brotli", choices=("brotli", "zstd", "lzma"))  # for the fp16 remainder
     compress_level: int = _param(11, lo=0, hi=22)  # brotli 0-11, zstd 1-22, lzma 0-9
+    artifact_target_bytes: int = _param(15_990_000, lo=0)  # all steps scaled so weights + code come to about this; 0: no scaling
     pack_code: bool = _param(True)  # count (and write) a self-extracting lzma copy of this file as the code; 0: the readable file
     # evaluation
     eval_seq_len: int = _param(2048, lo=2)
@@ -177,6 +178,7 @@ class Hyperparameters:
         need(self.rope_dims % 2 == 0 and self.rope_dims <= head_dim, f"ROPE_DIMS={self.rope_dims}: must be even and <= head dim {head_dim}")
         need(self.loop_start <= self.loop_end < self.num_layers, f"LOOP_START={self.loop_start}, LOOP_END={self.loop_end}: need LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
         need(self.parallel_from_layer <= self.num_layers, f"PARALLEL_FROM_LAYER={self.parallel_from_layer}: must be <= NUM_LAYERS={self.num_layers}")
+        need(self.artifact_target_bytes < ARTIFACT_LIMIT_BYTES, f"ARTIFACT_TARGET_BYTES={self.artifact_target_bytes}: must be < the {ARTIFACT_LIMIT_BYTES:,}-byte limit")
         need(self.gptq_reserve_seconds < self.max_wallclock_seconds, f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds}: must be < MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         accum = self.accum_steps(world_size)
         per_micro = world_size * accum * self.train_seq_len
@@ -1494,6 +1496,39 @@ def check_artifact_size(weight_bytes: int, code_bytes_: int, limit: int = ARTIFA
     return total
 
 
+def build_artifact(model: GPT, hessians: dict, multipliers: dict[str, float] | None, code: int, h: Hyperparameters, rt: Runtime, log: Logger, timer: StageTimer) -> bytes:
+    """GPTQ and packing; rank 0 gets the artifact, the others b"". With ARTIFACT_TARGET_BYTES,
+    the first packing measures the size and one factor f then scales every step so that weights
+    + code come to the target: an entropy-coded weight costs log2(1/step) + const bits, so N
+    quantized weights move the size by -N/8 log2 f bytes (f kept within [1/2, 2]). The refit is
+    kept only if it is under the limit; otherwise the first artifact stands."""
+    names = list(quantized_matrices(model))
+    multipliers = multipliers or dict.fromkeys(names, 1.0)
+
+    def attempt(factor: float, label: str) -> tuple[bytes, int]:
+        with timer(f"gptq{label}"):
+            q = quantize_model(model, hessians, h, rt, {n: m * factor for n, m in multipliers.items()})
+        blob = b""
+        if rt.is_main:
+            with timer(f"pack{label}"):
+                blob = pack_artifact(q, h, model.looping)
+        size = torch.tensor([len(blob)], device=rt.device)
+        if rt.distributed:
+            dist.broadcast(size, 0)
+        return blob, int(size.item())
+
+    blob, size = attempt(1.0, "")
+    if not h.artifact_target_bytes:
+        return blob
+    state = model.state_dict()
+    factor = 2.0 ** (8 * (size + code - h.artifact_target_bytes) / sum(state[n].numel() for n in names))
+    factor = min(max(factor, 0.5), 2.0)  # the size model holds for modest changes of the step
+    fitted, fitted_size = attempt(factor, "_fit")
+    keep = fitted_size + code < ARTIFACT_LIMIT_BYTES
+    log(f"artifact size fit: {size + code:,} bytes with the allocated steps; all steps x{factor:.4f} -> {fitted_size + code:,} (target {h.artifact_target_bytes:,}){'' if keep else ': over the limit, first artifact kept'}")
+    return fitted if keep else blob
+
+
 # ---------------------------------------------------------------------------------------------
 # 9. Evaluate: plain, sliding window, score-first TTT
 # ---------------------------------------------------------------------------------------------
@@ -1715,6 +1750,7 @@ def main():
     results: dict[str, EvalResult] = {}
     summary: dict = dict(run_id=h.run_id, seed=h.seed, world_size=rt.world_size, torch=torch.__version__, hardware=f"{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'} x{rt.world_size}")
 
+    code = code_bytes(h, log, write=rt.is_main)  # counted against the limit with the weights
     if not h.eval_only:
         accum = h.accum_steps(rt.world_size)
         local_seqs = h.train_batch_tokens // (rt.world_size * accum * h.train_seq_len)
@@ -1748,19 +1784,14 @@ def main():
         if h.checkpoint_path and rt.is_main:  # the unquantized final weights, for quantization studies
             torch.save({"state_dict": model.state_dict(), "looping": model.looping}, h.checkpoint_path)
 
-        with timer("gptq"):
-            qstate = quantize_model(model, hessians, h, rt, multipliers)
-        looping = model.looping
+        blob = build_artifact(model, hessians, multipliers, code, h, rt, log, timer)
         del model, optimizers, ema, hessians
         if rt.is_main:
-            with timer("pack"):
-                blob = pack_artifact(qstate, h, looping)
             Path(h.artifact_path).write_bytes(blob)
         if rt.distributed:
             dist.barrier()
 
     weight_bytes = Path(h.artifact_path).stat().st_size
-    code = code_bytes(h, log, write=rt.is_main)
     log(f"artifact: weights {weight_bytes:,} + code {code:,} = {weight_bytes + code:,} bytes (limit {ARTIFACT_LIMIT_BYTES:,})")
     total = check_artifact_size(weight_bytes, code)
     summary.update(artifact_bytes=dict(weights=weight_bytes, code=code, total=total))

@@ -79,6 +79,7 @@ def test_bad_values_name_the_variable(env, message):
         ({"LOOP_START": "6", "LOOP_END": "5"}, 1, "LOOP_START=6, LOOP_END=5"),
         ({"LOOP_END": "11"}, 1, "LOOP_END=11: need"),
         ({"PARALLEL_FROM_LAYER": "12"}, 1, "PARALLEL_FROM_LAYER=12"),
+        ({"ARTIFACT_TARGET_BYTES": "16000000"}, 1, "ARTIFACT_TARGET_BYTES=16000000: must be < the 16,000,000-byte limit"),
         ({"GPTQ_RESERVE_SECONDS": "700"}, 1, "GPTQ_RESERVE_SECONDS=700.0: must be < MAX_WALLCLOCK_SECONDS"),
         ({"TRAIN_BATCH_TOKENS": "786000"}, 1, "TRAIN_BATCH_TOKENS=786000: must be a multiple of"),
         ({"GRAD_ACCUM_STEPS": "5"}, 1, "TRAIN_BATCH_TOKENS=786432: must be a multiple of world size 1 x GRAD_ACCUM_STEPS 5"),

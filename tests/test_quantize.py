@@ -327,6 +327,34 @@ def test_artifact_rejects_other_architectures_and_garbage(cpu_runtime):
         tg.unpack_artifact(b"junk" + blob, h)
 
 
+def _fit(h, monkeypatch=None, limit=None):
+    model, hessians = _tiny_model_and_hessians(h)
+    log, timer_log = [], []
+    timer = tg.StageTimer(timer_log.append, torch.device("cpu"))
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"))
+    if limit is not None:
+        monkeypatch.setattr(tg, "ARTIFACT_LIMIT_BYTES", limit)
+    blob = tg.build_artifact(model, hessians, None, 1000, h, rt, log.append, timer)
+    return blob, log, timer_log
+
+
+def test_artifact_size_fit_lands_near_the_target():
+    first, _, _ = _fit(tiny_hyperparameters(compress_level=5, artifact_target_bytes=0))
+    for change in (0.9, 1.08):
+        target = int((len(first) + 1000) * change)
+        blob, log, timer_log = _fit(tiny_hyperparameters(compress_level=5, artifact_target_bytes=target))
+        assert abs(len(blob) + 1000 - target) < 0.02 * target, (change, len(blob) + 1000, target)
+        assert "artifact size fit" in log[0] and any("stage pack_fit" in t for t in timer_log)
+        state, _ = tg.unpack_artifact(blob, tiny_hyperparameters())  # a valid artifact
+
+
+def test_artifact_size_fit_never_crosses_the_limit(monkeypatch):
+    first, _, _ = _fit(tiny_hyperparameters(compress_level=5, artifact_target_bytes=0))
+    limit = len(first) + 1000 + 50
+    blob, log, _ = _fit(tiny_hyperparameters(compress_level=5, artifact_target_bytes=int(limit * 1.2)), monkeypatch, limit)
+    assert blob == first and "first artifact kept" in log[0]
+
+
 def test_size_guard():
     assert tg.check_artifact_size(15_000_000, 999_999) == 15_999_999
     with pytest.raises(tg.ArtifactTooLarge, match=r"16,000,000 bytes \(weights 15,950,000 \+ code 50,000\)"):

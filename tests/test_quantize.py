@@ -355,6 +355,20 @@ def test_artifact_size_fit_never_crosses_the_limit(monkeypatch):
     assert blob == first and "first artifact kept" in log[0]
 
 
+def _build_on_rank(rank, world_size, target):
+    h = tiny_hyperparameters(compress_level=5, artifact_target_bytes=target)
+    model, hessians = _tiny_model_and_hessians(h)
+    rt = tg.Runtime(rank, world_size, 0, torch.device("cpu"))
+    return tg.build_artifact(model, hessians, None, 1000, h, rt, lambda msg: None, tg.StageTimer(lambda msg: None, rt.device))
+
+
+def test_artifact_size_fit_split_across_ranks_matches_one_rank():
+    first, _, _ = _fit(tiny_hyperparameters(compress_level=5, artifact_target_bytes=0))
+    target = int((len(first) + 1000) * 1.05)
+    single = _build_on_rank(0, 1, target)
+    assert run_distributed(_build_on_rank, 2, target) == [single, b""]  # rank 0 packs; sizes agreed
+
+
 def test_size_guard():
     assert tg.check_artifact_size(15_000_000, 999_999) == 15_999_999
     with pytest.raises(tg.ArtifactTooLarge, match=r"16,000,000 bytes \(weights 15,950,000 \+ code 50,000\)"):

@@ -57,7 +57,11 @@ def main():
 
     base, base_train = bpb(model, val), bpb(model, train_stretch)
     print(f"unquantized: val_bpb {base:.5f}, train-stretch bpb {base_train:.5f}")
-    hessians = {n: tg.collect_hessians(model, tg.TrainLoader(files, h.train_seq_len, h.train_batch_tokens // (8 * h.train_seq_len), 0, 1, h.seed + 1, h.vocab_size, rt.device), n, rt) for n in (64, 256)}
+
+    def make_loader(seed_offset):  # as train_gpt.main: 1 for the Hessians, 2 for the step allocation
+        return tg.TrainLoader(files, h.train_seq_len, h.train_batch_tokens // (8 * h.train_seq_len), 0, 1, h.seed + seed_offset, h.vocab_size, rt.device)
+
+    hessians = {n: tg.collect_hessians(model, make_loader(1), n, rt) for n in (64, 256)}
     evaluator = tg.build_model(h, rt, log)
     evaluator.looping = model.looping
     original = model.state_dict()
@@ -69,8 +73,7 @@ def main():
     for name, overrides, calib, allocate in VARIANTS:
         hv = dataclasses.replace(h, **overrides)
         t0 = time.perf_counter()
-        loader = tg.TrainLoader(files, h.train_seq_len, h.train_batch_tokens // (8 * h.train_seq_len), 0, 1, h.seed + 2, h.vocab_size, rt.device)
-        multipliers = tg.allocate_quantization_steps(model, hessians[calib], loader, hv, rt, print) if allocate else None
+        multipliers = tg.allocate_quantization_steps(model, hessians[calib], make_loader(2), hv, rt, print) if allocate else None
         q = tg.quantize_model(model, hessians[calib], hv, rt, multipliers)
         size = len(tg.pack_artifact(q, hv, model.looping))
         seconds = time.perf_counter() - t0

@@ -195,8 +195,6 @@ def test_rounding_damage_is_the_loss_increase_of_each_group_alone(tiny_data):
 
 
 def _damage_on_rank(rank, world_size, data_root):
-    import conftest
-
     h, model, hessians, rt, loader = _damage_setup((data_root, None), rank, world_size)
     return tg.measure_rounding_damage(model, tg.quantize_model(model, hessians, h, rt), loader, 5, rt)
 

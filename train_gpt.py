@@ -1234,8 +1234,9 @@ def allocate_quantization_steps(model: GPT, hessians: dict, loader: TrainLoader,
     state = model.state_dict()
     sizes = {g: sum(state[n].numel() for n in names) for g, names in groups.items()}
     multipliers = allocate_step_multipliers(damage, sizes, h.quant_alloc_max_ratio)
-    predicted = sum(max(d, 0.0) * multipliers[g] ** 2 for g, d in damage.items())
-    log(f"quantization steps: rounding damage {sum(damage.values()):.5f} nats with the record's steps, {predicted:.5f} predicted after allocation at equal size")
+    measured = {g: max(d, 0.0) for g, d in damage.items()}  # below zero is measurement noise
+    predicted = sum(d * multipliers[g] ** 2 for g, d in measured.items())
+    log(f"quantization steps: rounding damage {sum(measured.values()):.5f} nats with the record's steps, {predicted:.5f} predicted after allocation at equal size")
     for g, names in groups.items():
         qmax, _ = quantization_step(h, names[0], multipliers[g])
         log(f"  {g:16s} damage {damage[g]:+.5f} nats  step x{multipliers[g]:.2f}  int{int(qmax).bit_length() + 1}")

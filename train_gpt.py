@@ -47,6 +47,12 @@ try:  # FlashAttention-3 (Hopper) when installed; otherwise PyTorch SDPA.
 except ImportError:
     flash_attn_3 = None
 
+try:  # Triton for the fused kernels (CUDA only); without it the plain PyTorch path runs.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 # ---------------------------------------------------------------------------------------------
 # 1. Config
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +76,7 @@ class Hyperparameters:
     eval_only: bool = _param(False)  # evaluate ARTIFACT_PATH without training
     compile: bool = _param(True)  # torch.compile the blocks and the loss head
     attention_backend: str = _param("auto", choices=("auto", "fa3", "cudnn", "flash", "efficient", "math"))
+    speedups: bool = _param(True)  # fused loss kernel (CUDA + Triton), grouped K/V read by cuDNN; 0: the plain path, for side-by-side speed and loss checks
     # training budget and batch
     max_wallclock_seconds: float = _param(600.0, lo=0, lo_open=True)
     gptq_reserve_seconds: float = _param(12.0, lo=0)  # kept for GPTQ calibration inside the budget
@@ -510,7 +517,7 @@ def causal_attention(q, k, v, backend: str) -> torch.Tensor:
         out = flash_attn_3(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if backend == "cudnn":  # cuDNN wants equal head counts
+    if backend == "cudnn_repeat_kv":  # the plain path: K and V materialised for every query head
         groups = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
@@ -536,7 +543,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(h.model_dim, h.model_dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
         self.rotary = PartialRotary(h.rope_dims, h.rope_base, h.train_seq_len)
-        self.backend = "math"  # set by configure_attention
+        self.backend = "math"  # set by configure_kernels
 
     def qkv_row_blocks(self) -> list[slice]:
         """Row ranges of q, k and v inside the fused qkv weight."""
@@ -593,17 +600,87 @@ class Block(nn.Module):
         return x + self.mlp_scale.to(dt) * self.mlp(rms_norm(x) * norm_scale)
 
 
+def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Per-row cross-entropy of logits [N, V] softcapped at c: c * tanh(z / c), in fp32."""
+    logits = softcap * torch.tanh(logits.float() / softcap)
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _softcap_cross_entropy_kernel(logits_ptr, targets_ptr, loss_ptr, vocab, softcap, grad_scale, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr):
+        """One row of logits per program, read once: z = c tanh(l / c), loss = logsumexp(z) - z[t].
+        With WRITE_GRAD the row is overwritten by grad_scale * d loss / d l
+        = grad_scale (softmax(z) - onehot(t)) (1 - (z/c)^2)."""
+        LOG2E: tl.constexpr = 1.4426950408889634
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < vocab
+        ptrs = logits_ptr + row * vocab + cols
+        logits = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+        squashed = 1.0 - tl.fdiv(2.0, tl.exp2(logits * (2.0 * LOG2E / softcap)) + 1.0)  # tanh(l / c)
+        z = tl.where(inside, softcap * squashed, float("-inf"))
+        z_max = tl.max(z, 0)
+        e = tl.exp2((z - z_max) * LOG2E)
+        total = tl.sum(e, 0)
+        is_target = cols == tl.load(targets_ptr + row)
+        tl.store(loss_ptr + row, z_max + tl.log(total) - tl.sum(tl.where(is_target, z, 0.0), 0))
+        if WRITE_GRAD:
+            grad = (e * (grad_scale / total) - tl.where(is_target, grad_scale, 0.0)) * (1.0 - squashed * squashed)
+            tl.store(ptrs, grad.to(logits_ptr.dtype.element_ty), mask=inside)
+
+
+def _launch_softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, softcap: float, grad_scale: float | None = None) -> torch.Tensor:
+    """Per-row losses of logits [N, V]; with a grad_scale the logits are overwritten by the gradient."""
+    losses = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+    block = triton.next_power_of_2(logits.size(1))
+    _softcap_cross_entropy_kernel[(logits.size(0),)](logits, targets, losses, logits.size(1), softcap, grad_scale or 0.0, BLOCK=block, WRITE_GRAD=grad_scale is not None, num_warps=min(16, max(4, block // 512)))
+    return losses
+
+
+class _FusedSoftcapCrossEntropy(torch.autograd.Function):
+    """Mean softcapped cross-entropy of tied-head logits, its gradient computed in the forward
+    pass in place of the logits: the [N, V] logits are written once (by the matmul) and read
+    once, where the plain path reads them again in fp32 and writes an fp32 gradient. The
+    upstream scalar is applied to the small [V, C] operands, not to an [N, *] tensor."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap):
+        logits = hidden @ weight.t()
+        losses = _launch_softcap_cross_entropy(logits, targets, softcap, grad_scale=1.0 / logits.size(0))
+        ctx.save_for_backward(hidden, weight, logits)
+        return losses.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, grad_logits = ctx.saved_tensors
+        grad_hidden = grad_logits @ (weight * grad_loss).to(weight.dtype)
+        grad_weight = (grad_logits.t() @ hidden) * grad_loss
+        return grad_hidden, grad_weight.to(weight.dtype), None, None
+
+
 class SoftcapTokenLoss(nn.Module):
-    """Cross-entropy of tied-embedding logits softcapped at c: c * tanh(z / c), in fp32."""
+    """Cross-entropy of tied-embedding logits softcapped at c. `fused` (set by configure_kernels)
+    switches the mean loss and the no-grad per-token losses to the Triton kernel above."""
 
     def __init__(self, softcap: float):
         super().__init__()
         self.softcap = softcap
+        self.fused = False
 
     def forward(self, hidden, weight, targets, reduction: str = "mean"):
-        logits = F.linear(hidden, weight).float()
-        logits = self.softcap * torch.tanh(logits / self.softcap)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        if not self.fused or (needs_grad and reduction != "mean"):
+            losses = softcap_cross_entropy(F.linear(hidden, weight), targets, self.softcap)
+            return losses.mean() if reduction == "mean" else losses
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        if needs_grad:
+            return _FusedSoftcapCrossEntropy.apply(hidden, weight, targets, self.softcap)
+        losses = _launch_softcap_cross_entropy(hidden @ weight.t(), targets, self.softcap)
+        return losses.mean() if reduction == "mean" else losses
 
 
 class GPT(nn.Module):
@@ -665,8 +742,10 @@ class GPT(nn.Module):
         return self.token_loss(hidden, self.tok_emb.weight, targets, "none").view(targets.shape)
 
 
-def configure_attention(model: GPT, h: Hyperparameters, device: torch.device) -> str:
-    """Picks the attention kernel: FA3 when importable, else the requested/fastest SDPA backend."""
+def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> str:
+    """Picks the attention kernel (FA3 when importable, else the requested/fastest SDPA backend;
+    with SPEEDUPS, cuDNN reads the grouped K and V directly) and, with SPEEDUPS on a CUDA device
+    with Triton, the fused loss kernel. Returns a summary for the log."""
     backend = h.attention_backend
     if device.type != "cuda":
         backend = "math"
@@ -676,9 +755,12 @@ def configure_attention(model: GPT, h: Hyperparameters, device: torch.device) ->
         torch.backends.cuda.enable_cudnn_sdp(backend == "cudnn")
         torch.backends.cuda.enable_flash_sdp(backend == "flash")
         torch.backends.cuda.enable_mem_efficient_sdp(backend == "efficient")
+    if backend == "cudnn" and not h.speedups:
+        backend = "cudnn_repeat_kv"
     for block in model.blocks:
         block.attn.backend = backend
-    return backend
+    model.token_loss.fused = h.speedups and device.type == "cuda" and triton is not None
+    return f"attention {backend}, fused loss {'on' if model.token_loss.fused else 'off'}"
 
 
 def compile_model(model: GPT):
@@ -688,7 +770,8 @@ def compile_model(model: GPT):
     torch._dynamo.config.cache_size_limit = 64  # train + eval + TTT variants exceed the default 8
     for block in model.blocks:
         block.compile(dynamic=False, fullgraph=True)
-    model.token_loss.compile(dynamic=False, fullgraph=True)
+    if not model.token_loss.fused:  # the fused loss is a matmul and one kernel: nothing to fuse
+        model.token_loss.compile(dynamic=False, fullgraph=True)
 
 
 def matrix_flops_params(h: Hyperparameters) -> int:
@@ -1467,9 +1550,14 @@ def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Te
 
 def self_extracting_source(source: bytes) -> bytes:
     """A runnable copy of this file: the source, lzma-compressed and base85-encoded, behind a
-    two-line loader. Submitting it costs a quarter of the readable file's bytes."""
+    four-line loader. Submitting it costs a quarter of the readable file's bytes. The loader
+    registers the source with linecache, where inspect (and so Triton's @jit, which reads
+    its kernels' source) finds it."""
     payload = base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME))
-    return b"import base64,lzma\nexec(compile(lzma.decompress(base64.b85decode(b'" + payload + b"')),'train_gpt.py','exec'))\n"
+    return (
+        b"import base64,linecache,lzma\ns=lzma.decompress(base64.b85decode(b'" + payload + b"')).decode()\n"
+        b"f='<train_gpt.py>';linecache.cache[f]=(len(s),None,s.splitlines(True),f)\nexec(compile(s,f,'exec'))\n"
+    )
 
 
 def code_bytes(h: Hyperparameters, log: Logger, write: bool) -> int:
@@ -1690,15 +1778,15 @@ def log_environment(h: Hyperparameters, rt: Runtime, log: Logger):
     for f in dataclasses.fields(h):
         log(f"  {f.name.upper()}={getattr(h, f.name)!r}")
     gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
-    log(f"environment: python {platform.python_version()}, torch {torch.__version__}, cuda {torch.version.cuda}, gpu {gpu} x{rt.world_size}, flash_attn_3 {'yes' if flash_attn_3 else 'no'}")
+    log(f"environment: python {platform.python_version()}, torch {torch.__version__}, cuda {torch.version.cuda}, gpu {gpu} x{rt.world_size}, flash_attn_3 {'yes' if flash_attn_3 else 'no'}, triton {triton.__version__ if triton else 'no'}")
 
 
 def build_model(h: Hyperparameters, rt: Runtime, log: Logger) -> GPT:
     model = GPT(h).to(rt.device)
-    backend = configure_attention(model, h, rt.device)
+    kernels = configure_kernels(model, h, rt.device)
     if h.compile:
         compile_model(model)
-    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, attention {backend}, compile {h.compile}")
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {kernels}, compile {h.compile}")
     return model
 
 

@@ -17,7 +17,7 @@ def time_backend(backend, B=48, T=2048, H=8, Hkv=4, D=64, iters=20):
     if backend == "fa3" and tg.flash_attn_3 is None:
         return None
     model = tg.GPT(tg.Hyperparameters(attention_backend=backend, num_layers=1)).cuda()
-    tg.configure_attention(model, tg.Hyperparameters(attention_backend=backend), torch.device("cuda"))
+    tg.configure_kernels(model, tg.Hyperparameters(attention_backend=backend), torch.device("cuda"))
     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -1,9 +1,12 @@
 """Profiles full training steps at the B1 shape (one GPU, 8 micro-steps of 48 x 2048) and
 prints the CUDA time per kernel category, the top kernels and the measured tokens/s.
 
-    DATA_DIR=... python3 bench/profile_step.py [regional|full] [looping] [bf16]
+    DATA_DIR=... python3 bench/profile_step.py [regional|full] [looping] [autotune] [coord] [gqa]
 
 regional: train_gpt.py's per-block compile; full: torch.compile of the whole model forward.
+autotune: blocks compiled with mode="max-autotune-no-cudagraphs" (Triton GEMM templates with
+fused epilogues); coord: Inductor's coordinate-descent tuning of its kernels; gqa: cuDNN SDPA
+asked for grouped-query attention directly instead of repeat_interleave'd K and V.
 """
 
 import sys
@@ -38,23 +41,39 @@ def categorize(name: str) -> str:
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "regional"
     looping = "looping" in sys.argv[2:]
-    bf16_residual = "bf16" in sys.argv[2:]
+    opts = set(sys.argv[2:])
+    if "coord" in opts:
+        import torch._inductor.config as inductor_config
+        inductor_config.coordinate_descent_tuning = True
+        mode += "+coord"
+    if "gqa" in opts:
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def gqa_attention(q, k, v, backend):
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            return sdpa(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+
+        tg.causal_attention = gqa_attention
+        mode += "+gqa"
     h = tg.Hyperparameters.from_env()
     rt = tg.Runtime(0, 1, 0, torch.device("cuda"))
     torch.cuda.set_device(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     h.validate(1)
     model = tg.GPT(h).cuda()
-    tg.configure_attention(model, h, rt.device)
-    if mode == "regional":
+    tg.configure_kernels(model, h, rt.device)
+    if mode.startswith("regional") and "autotune" in opts:
+        torch._dynamo.config.cache_size_limit = 64
+        for block in model.blocks:
+            block.compile(dynamic=False, fullgraph=True, mode="max-autotune-no-cudagraphs")
+        model.token_loss.compile(dynamic=False, fullgraph=True, mode="max-autotune-no-cudagraphs")
+        mode += "+autotune"
+    elif mode.startswith("regional"):
         tg.compile_model(model)
     else:
         torch._dynamo.config.cache_size_limit = 64
         model.forward = torch.compile(model.forward, dynamic=False)
     model.looping = looping
-    if bf16_residual:
-        model.residual_dtype = torch.bfloat16
-        mode += "+bf16res"
     opt = tg.Optimizers(model, h, rt)
     files = tg.find_shards(h, "train")
     loader = tg.TrainLoader(files, h.train_seq_len, 48, 0, 1, h.seed, h.vocab_size, rt.device)
@@ -86,8 +105,14 @@ def main():
     print(f"[{mode} looping={looping}] CUDA time per step {total / 1000:.0f} ms (wall {dt * 1000:.0f} ms)")
     for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         print(f"  {cat:40s} {t / 1000:8.1f} ms  {100 * t / total:5.1f}%")
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e.time_range.start)
+    gaps = [(b.time_range.start - a.time_range.end, a.name, b.name) for a, b in zip(kernels, kernels[1:])]
+    idle = sum(g for g, _, _ in gaps if g > 0)
+    print(f"  GPU idle between kernels: {idle / 1000:.1f} ms in {sum(g > 5 for g, _, _ in gaps)} gaps > 5 us; largest:")
+    for g, a, b in sorted(gaps, key=lambda t: -t[0])[:12]:
+        print(f"    {g / 1000:7.2f} ms  after {a[:60]}  before {b[:60]}")
     print("  top kernels:")
-    for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
+    for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]:
         print(f"    {t / 1000:8.2f} ms  x{n:<5d} {name[:110]}")
 
 

@@ -70,7 +70,7 @@ def test_xsa_inside_attention_module():
 
 def test_grouped_query_attention_paths_agree():
     q, k, v = torch.randn(2, 10, 8, 16), torch.randn(2, 10, 4, 16), torch.randn(2, 10, 4, 16)
-    expanded = tg.causal_attention(q, k, v, "cudnn")  # kv heads repeated explicitly (works on CPU too)
+    expanded = tg.causal_attention(q, k, v, "cudnn_repeat_kv")  # kv heads repeated explicitly (runs on CPU too)
     native = tg.causal_attention(q, k, v, "math")
     assert torch.allclose(expanded, native, atol=1e-5)
     # causal: position t only sees keys <= t

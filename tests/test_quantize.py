@@ -384,10 +384,12 @@ def test_self_extracting_copy_runs_and_equals_the_source(tmp_path):
     probe = (
         "import runpy, sys, lzma, base64;"
         f"g = runpy.run_path({str(path)!r}, run_name='probe');"
-        "print(g['ARTIFACT_LIMIT_BYTES'], g['Hyperparameters']().num_layers)"
+        "print(g['ARTIFACT_LIMIT_BYTES'], g['Hyperparameters']().num_layers);"
+        # Triton's @jit reads its kernel's source through inspect: the packed copy must serve it
+        "import inspect; print(inspect.getsource(g['rms_norm']).splitlines()[0])"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["16000000", "11"]
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.splitlines() == ["16000000 11", "def rms_norm(x: torch.Tensor) -> torch.Tensor:"]
     payload = packed.split(b"b85decode(b'")[1].split(b"')")[0]
     import base64, lzma
 

@@ -1,0 +1,126 @@
+"""The fused Triton kernels (SPEEDUPS=1) against the plain PyTorch path they replace.
+
+On the GPU they run for real; on a CPU with Triton installed the kernel logic runs in Triton's
+interpreter (a subprocess, since the interpreter is chosen at import); without Triton they skip.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import ROOT, tiny_hyperparameters
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or tg.triton is None, reason="fused kernels run only on CUDA with Triton")
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def loss_and_grads(loss_module, hidden, weight, targets):
+    hidden = hidden.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = loss_module(hidden, weight, targets)
+    (loss * 3.0).backward()  # an upstream factor, as the 1/accum of gradient accumulation
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def test_configure_kernels_keeps_the_plain_path_on_cpu():
+    model = tg.GPT(tiny_hyperparameters())
+    summary = tg.configure_kernels(model, tiny_hyperparameters(speedups=True), torch.device("cpu"))
+    assert not model.token_loss.fused and summary == "attention math, fused loss off"
+
+
+@pytest.mark.skipif(tg.triton is None, reason="Triton is not installed")
+def test_fused_loss_kernel_in_triton_interpreter():
+    """fp32 on the CPU: the kernel's loss and gradient equal the plain path to fp32 rounding,
+    for a vocabulary that is not a power of two, targets at both ends and saturating logits."""
+    script = textwrap.dedent(
+        """
+        import torch, train_gpt as tg
+        torch.manual_seed(0)
+        plain, fused = tg.SoftcapTokenLoss(5.0), tg.SoftcapTokenLoss(5.0)
+        fused.fused = True
+        hidden, weight = torch.randn(40, 16) * 3, torch.randn(300, 16) * 2
+        targets = torch.randint(0, 300, (40,))
+        targets[:2] = torch.tensor([0, 299])
+        out = []
+        for module in (plain, fused):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            loss = module(h, w, targets)
+            loss.backward()
+            with torch.no_grad():
+                per_token = module(h, w, targets, "none")
+            out.append((loss.detach(), per_token, h.grad, w.grad))
+        for a, b in zip(*out):
+            err = ((a - b).norm() / b.norm()).item()
+            assert err < 1e-5, err
+        print("ok")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@needs_gpu
+@pytest.mark.parametrize("vocab", [8192, 1000])
+def test_fused_loss_matches_plain_path_on_gpu(vocab):
+    torch.manual_seed(vocab)
+    plain, fused = tg.SoftcapTokenLoss(30.0), tg.SoftcapTokenLoss(30.0)
+    fused.fused = True
+    hidden = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(vocab, 512, device="cuda") * 0.2  # logits up to ~±40: the cap matters
+    targets = torch.randint(0, vocab, (4, 256), device="cuda")
+    targets[0, :2] = torch.tensor([0, vocab - 1])
+    ref = loss_and_grads(plain, hidden, weight, targets)
+    got = loss_and_grads(fused, hidden, weight, targets)
+    assert all(t.isfinite().all() for t in got)
+    assert relative_error(got[0], ref[0]) < 1e-3
+    assert relative_error(got[1], ref[1]) < 2e-2 and relative_error(got[2], ref[2]) < 2e-2  # bf16 gradients
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # the eval path: per-token, no gradient
+        per_token = fused(hidden, weight, targets, "none")
+        assert per_token.shape == (4 * 256,)
+        assert relative_error(per_token, plain(hidden, weight, targets, "none")) < 1e-3
+
+
+@needs_gpu
+def test_cudnn_reads_grouped_kv_like_the_repeated_path():
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    q = torch.randn(2, 512, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 512, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    grads = []
+    for backend in ("cudnn", "cudnn_repeat_kv"):
+        out = tg.causal_attention(q, k, v, backend)
+        grads.append((out.detach(), *torch.autograd.grad((out.float() ** 2).sum(), (q, k, v))))
+    for a, b in zip(*grads):
+        assert relative_error(a, b) < 1e-2
+
+
+@needs_gpu
+def test_training_step_with_and_without_speedups_agree_on_gpu():
+    """One forward/backward of a small model, SPEEDUPS on vs off: same loss and gradients
+    within bf16 noise."""
+    h = tiny_hyperparameters(vocab_size=1024, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=16, train_seq_len=256)
+    ids = torch.randint(0, h.vocab_size, (4, 257), device="cuda")
+    results = []
+    for speedups in (False, True):
+        torch.manual_seed(0)
+        model = tg.GPT(h).cuda()
+        for p in model.parameters():  # the zero-initialised projections would hide the blocks
+            p.data.add_(torch.randn_like(p) * 0.02)
+        tg.configure_kernels(model, tiny_hyperparameters(speedups=speedups), torch.device("cuda"))
+        assert model.token_loss.fused == speedups
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (loss_plain, grads_plain), (loss_fast, grads_fast) = results
+    assert abs(loss_fast.item() - loss_plain.item()) < 1e-3 * loss_plain.item()
+    assert relative_error(grads_fast, grads_plain) < 2e-2

@@ -674,14 +674,14 @@ class SoftcapTokenLoss(nn.Module):
     def forward(self, hidden, weight, targets, reduction: str = "mean"):
         hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
         needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-        if not self.fused or (needs_grad and reduction != "mean"):  # per-token losses with a gradient: unused, plain
+        if self.fused and (reduction == "mean" or not needs_grad):
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            if needs_grad:
+                return _FusedSoftcapCrossEntropy.apply(hidden, weight, targets, self.softcap)
+            losses = _launch_softcap_cross_entropy(hidden @ weight.t(), targets, self.softcap)
+        else:  # the plain path; also per-token losses with a gradient, which nothing uses
             losses = softcap_cross_entropy(F.linear(hidden, weight), targets, self.softcap)
-            return losses.mean() if reduction == "mean" else losses
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        if needs_grad:
-            return _FusedSoftcapCrossEntropy.apply(hidden, weight, targets, self.softcap)
-        losses = _launch_softcap_cross_entropy(hidden @ weight.t(), targets, self.softcap)
         return losses.mean() if reduction == "mean" else losses
 
 

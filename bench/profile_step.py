@@ -1,12 +1,12 @@
 """Profiles full training steps at the B1 shape (one GPU, 8 micro-steps of 48 x 2048) and
 prints the CUDA time per kernel category, the top kernels and the measured tokens/s.
 
-    DATA_DIR=... python3 bench/profile_step.py [regional|full] [looping] [autotune] [coord] [gqa]
+    DATA_DIR=... [SPEEDUPS=0] python3 bench/profile_step.py [regional|full] [looping] [autotune] [coord]
 
 regional: train_gpt.py's per-block compile; full: torch.compile of the whole model forward.
 autotune: blocks compiled with mode="max-autotune-no-cudagraphs" (Triton GEMM templates with
-fused epilogues); coord: Inductor's coordinate-descent tuning of its kernels; gqa: cuDNN SDPA
-asked for grouped-query attention directly instead of repeat_interleave'd K and V.
+fused epilogues); coord: Inductor's coordinate-descent tuning of its kernels. SPEEDUPS=0 profiles
+train_gpt.py's plain path.
 """
 
 import sys
@@ -46,16 +46,8 @@ def main():
         import torch._inductor.config as inductor_config
         inductor_config.coordinate_descent_tuning = True
         mode += "+coord"
-    if "gqa" in opts:
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-
-        def gqa_attention(q, k, v, backend):
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-            return sdpa(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
-
-        tg.causal_attention = gqa_attention
-        mode += "+gqa"
     h = tg.Hyperparameters.from_env()
+    mode += "" if h.speedups else "+plain"
     rt = tg.Runtime(0, 1, 0, torch.device("cuda"))
     torch.cuda.set_device(0)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -66,7 +58,8 @@ def main():
         torch._dynamo.config.cache_size_limit = 64
         for block in model.blocks:
             block.compile(dynamic=False, fullgraph=True, mode="max-autotune-no-cudagraphs")
-        model.token_loss.compile(dynamic=False, fullgraph=True, mode="max-autotune-no-cudagraphs")
+        if not model.token_loss.fused:  # as compile_model: the fused loss is not compiled
+            model.token_loss.compile(dynamic=False, fullgraph=True, mode="max-autotune-no-cudagraphs")
         mode += "+autotune"
     elif mode.startswith("regional"):
         tg.compile_model(model)

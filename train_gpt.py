@@ -24,6 +24,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import difflib
 import json
 import lzma
 import math
@@ -58,19 +59,20 @@ except ImportError:
 # ---------------------------------------------------------------------------------------------
 
 
-def _param(default, lo=None, hi=None, choices=None, lo_open=False):
-    """A hyperparameter: its default and the range its environment override must fall in."""
-    return field(default=default, metadata=dict(lo=lo, hi=hi, choices=choices, lo_open=lo_open))
+def _param(default, lo=None, hi=None, choices=None, lo_open=False, file_name=False):
+    """A hyperparameter: its default and the range its environment override must fall in
+    (file_name: a plain file name, no directories)."""
+    return field(default=default, metadata=dict(lo=lo, hi=hi, choices=choices, lo_open=lo_open, file_name=file_name))
 
 
 @dataclass
 class Hyperparameters:
     # run and data
-    run_id: str = _param("")  # default: a fresh id shared by all ranks
+    run_id: str = _param("", file_name=True)  # names the log file; default: a fresh id shared by all ranks
     seed: int = _param(1337)
     data_dir: str = _param("./data/")
     vocab_size: int = _param(8192, lo=2)
-    log_dir: str = _param("logs")
+    log_dir: str = _param("runs")
     artifact_path: str = _param("final_model.pgq")
     checkpoint_path: str = _param("")  # if set, the unquantized final weights are saved there
     eval_only: bool = _param(False)  # evaluate ARTIFACT_PATH without training
@@ -151,6 +153,7 @@ class Hyperparameters:
     @classmethod
     def from_env(cls, environ=None) -> "Hyperparameters":
         environ = os.environ if environ is None else environ
+        check_for_misspelled_variables(environ, [f.name.upper() for f in dataclasses.fields(cls)])
         values = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(f.name.upper())
@@ -170,6 +173,8 @@ class Hyperparameters:
                 raise ValueError(f"{name}={value!r}: must be {'>' if meta.get('lo_open') else '>='} {lo}")
             if hi is not None and value > hi:
                 raise ValueError(f"{name}={value!r}: must be <= {hi}")
+            if meta.get("file_name") and ("/" in value or "\\" in value or value in (".", "..")):
+                raise ValueError(f"{name}={value!r}: must be a plain file name, without directories")
 
     def validate(self, world_size: int):
         """Cross-field checks; every message names the variable to change."""
@@ -200,6 +205,20 @@ class Hyperparameters:
 
     def accum_steps(self, world_size: int) -> int:
         return self.grad_accum_steps or max(1, 8 // world_size)
+
+
+def check_for_misspelled_variables(environ, known: list[str]):
+    """Refuses an environment variable that is almost the name of a hyperparameter (a typo such as
+    MAX_WALLCLOK_SECONDS would otherwise be ignored and the run would use the default)."""
+    known_set = set(known)
+    for name in environ:
+        if name in known_set:
+            continue
+        if name.upper() in known_set:
+            raise ValueError(f"{name}: hyperparameter variables are upper case; did you mean {name.upper()}?")
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if close:
+            raise ValueError(f"{name}: not a hyperparameter; did you mean {close[0]}? (unset {name} to run)")
 
 
 def _parse_value(name: str, raw: str, type_name: str):
@@ -344,10 +363,19 @@ def tokenizer_path(h: Hyperparameters) -> Path:
     return Path(h.data_dir) / "tokenizers" / f"fineweb_{h.vocab_size}_bpe.model"
 
 
+def download_hint(h: Hyperparameters) -> str:
+    return f"download it from the challenge repository root with `python3 data/cached_challenge_fineweb.py --variant sp{h.vocab_size}` (it writes ./data/), or point DATA_DIR at it"
+
+
+def check_data_dir(h: Hyperparameters):
+    if not Path(h.data_dir).is_dir():
+        raise FileNotFoundError(f"DATA_DIR={h.data_dir!r}: directory not found; {download_hint(h)}")
+
+
 def find_shards(h: Hyperparameters, split: str) -> list[Path]:
     directory = dataset_dir(h)
     if not directory.is_dir():
-        raise FileNotFoundError(f"dataset directory {directory} not found (set DATA_DIR and VOCAB_SIZE; download with data/cached_challenge_fineweb.py --variant sp{h.vocab_size})")
+        raise FileNotFoundError(f"dataset directory {directory} not found (DATA_DIR={h.data_dir!r}, VOCAB_SIZE={h.vocab_size}); {download_hint(h)}")
     files = sorted(directory.glob(f"fineweb_{split}_*.bin"))
     if not files:
         raise FileNotFoundError(f"no {directory}/fineweb_{split}_*.bin shards found")
@@ -375,7 +403,9 @@ class TrainLoader:
     """
 
     def __init__(self, files, seq_len, batch_seqs, rank, world_size, seed, vocab_size, device):
-        self.spans = [(read_shard(f), lo, hi) for f, lo, hi in rank_spans(files, rank, world_size)]
+        plan = rank_spans(files, rank, world_size)
+        self.spans = [(read_shard(f), lo, hi) for f, lo, hi in plan]
+        self.span_files = [f for f, _, _ in plan]
         self.seq_len, self.batch_seqs, self.vocab_size, self.device = seq_len, batch_seqs, vocab_size, device
         self.rng = np.random.default_rng([seed, rank])
         self.epoch, self.order, self.cursor = 0, np.empty((0, 2), np.int64), 0
@@ -392,14 +422,16 @@ class TrainLoader:
 
     def next_sequences(self) -> np.ndarray:
         out = np.empty((self.batch_seqs, self.seq_len + 1), dtype=np.int32)
+        spans = np.empty(self.batch_seqs, dtype=np.int64)
         for row in range(self.batch_seqs):
             if self.cursor == len(self.order):
                 self._new_epoch()
-            span, start = self.order[self.cursor]
+            spans[row], start = self.order[self.cursor]
             self.cursor += 1
-            out[row] = self.spans[span][0][start : start + self.seq_len + 1]
+            out[row] = self.spans[spans[row]][0][start : start + self.seq_len + 1]
         if out.max() >= self.vocab_size:
-            raise ValueError(f"training token id {out.max()} >= VOCAB_SIZE={self.vocab_size}")
+            row = int(np.argmax(out.max(axis=1)))
+            raise ValueError(f"{self.span_files[spans[row]]}: training token id {out[row].max()} >= VOCAB_SIZE={self.vocab_size}")
         return out
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,9 +444,11 @@ class TrainLoader:
 
 def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> torch.Tensor:
     """All validation shards concatenated, cut to a multiple of seq_len plus one token."""
-    tokens = np.concatenate([np.asarray(read_shard(f)) for f in files])
-    if tokens.max() >= vocab_size:
-        raise ValueError(f"validation token id {tokens.max()} >= VOCAB_SIZE={vocab_size}")
+    shards = [np.asarray(read_shard(f)) for f in files]
+    for f, shard in zip(files, shards):
+        if len(shard) and shard.max() >= vocab_size:
+            raise ValueError(f"{f}: validation token id {shard.max()} >= VOCAB_SIZE={vocab_size}")
+    tokens = np.concatenate(shards)
     usable = (len(tokens) - 1) // seq_len * seq_len + 1
     if usable < seq_len + 1:
         raise ValueError(f"validation has {len(tokens)} tokens, fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
@@ -425,8 +459,11 @@ def load_tokenizer(path: Path, vocab_size: int):
     import sentencepiece as spm
 
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} not found (set DATA_DIR and VOCAB_SIZE)")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+        raise FileNotFoundError(f"tokenizer {path} not found (it is DATA_DIR/tokenizers/fineweb_<VOCAB_SIZE>_bpe.model)")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except Exception as err:  # sentencepiece raises a bare RuntimeError or OSError naming neither
+        raise ValueError(f"tokenizer {path} (DATA_DIR/tokenizers/fineweb_<VOCAB_SIZE>_bpe.model) is not a readable sentencepiece model: {err}") from None
     if sp.vocab_size() != vocab_size:
         raise ValueError(f"VOCAB_SIZE={vocab_size} but tokenizer {path} has {sp.vocab_size()} pieces")
     return sp
@@ -870,10 +907,11 @@ class Muon:
 
 
 class GradBuffer:
-    """All gradients as views of one flat fp32 buffer: one all-reduce, one norm, one zeroing."""
+    """All gradients as views of one flat buffer (the parameters' dtype, fp32 in training): one
+    all-reduce, one norm, one zeroing."""
 
     def __init__(self, params: list[nn.Parameter]):
-        self.flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
         offset = 0
         for p in params:
             p.grad = self.flat[offset : offset + p.numel()].view_as(p)
@@ -1013,10 +1051,10 @@ def warm_up(model, optimizers, h, rt, make_loader, log):
     model.looping = False
 
 
-def agreed_elapsed(t0: float, rt: Runtime) -> float:
+def agreed_elapsed(t0: float, rt: Runtime, clock=time.perf_counter) -> float:
     """Rank 0's clock, so every rank takes the same schedule and stop decisions."""
     synchronize(rt.device)
-    t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=rt.device)
+    t = torch.tensor([clock() - t0], dtype=torch.float64, device=rt.device)
     if rt.distributed:
         dist.broadcast(t, 0)
     return t.item()
@@ -1040,9 +1078,10 @@ class TrainResult:
     tokens_per_second: dict
 
 
-def train(model, optimizers, ema, loader, h, rt, log) -> TrainResult:
+def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -> TrainResult:
     """Time-based schedule: progress = elapsed / (MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS).
-    Stops before a step that would end past that budget (predicted from the last step)."""
+    Stops before a step that would end past that budget (predicted from the last step).
+    `clock` (seconds) is injectable so that tests can drive the guard without sleeping."""
     budget = h.max_wallclock_seconds - h.gptq_reserve_seconds
     accum = h.accum_steps(rt.world_size)
     tokens_per_step = h.train_batch_tokens
@@ -1050,7 +1089,7 @@ def train(model, optimizers, ema, loader, h, rt, log) -> TrainResult:
     phase_tokens, phase_seconds = {False: 0, True: 0}, {False: 0.0, True: 0.0}
     step, elapsed, last_step_seconds, loss_sum, window_t, window_steps = 0, 0.0, 0.0, None, 0.0, 0
     log(f"training: budget {budget:.1f}s (MAX_WALLCLOCK_SECONDS {h.max_wallclock_seconds} - GPTQ_RESERVE_SECONDS {h.gptq_reserve_seconds}), {tokens_per_step} tokens/step, {accum} micro-steps of {h.train_batch_tokens // (accum * rt.world_size * h.train_seq_len)} sequences per rank")
-    t0 = time.perf_counter()
+    t0 = clock()
     while (reason := stop_reason(step, elapsed, last_step_seconds, budget, h.iterations)) is None:
         frac = elapsed / budget
         looping = h.num_loops > 0 and frac >= h.loop_start_frac
@@ -1061,7 +1100,7 @@ def train(model, optimizers, ema, loader, h, rt, log) -> TrainResult:
         ema.update()
         step += 1
         loss_sum = loss if loss_sum is None else loss_sum + loss
-        now = agreed_elapsed(t0, rt)
+        now = agreed_elapsed(t0, rt, clock)
         last_step_seconds, elapsed = now - elapsed, now
         phase_tokens[looping] += tokens_per_step
         phase_seconds[looping] += last_step_seconds
@@ -1827,12 +1866,24 @@ def main():
             dist.broadcast_object_list(run_id, 0)
         h.run_id = run_id[0]
     log = Logger(Path(h.log_dir) / f"{h.run_id}.txt" if rt.is_main else None)
+    try:
+        run(h, rt, log)
+    except Exception as err:
+        log(f"error: {err}")  # the log file keeps the reason the run ended
+        raise
+    if rt.distributed:
+        dist.destroy_process_group()
+
+
+def run(h: Hyperparameters, rt: Runtime, log: Logger):
+    """Data, training, calibration, artifact and evaluation; writes submission.json on rank 0."""
     timer = StageTimer(log, rt.device)
     log_environment(h, rt, log)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
 
     with timer("load_data"):
+        check_data_dir(h)
         sp = load_tokenizer(tokenizer_path(h), h.vocab_size)
         tables = build_byte_tables(sp)
         val_tokens = load_validation_tokens(find_shards(h, "val"), h.eval_seq_len, h.vocab_size)
@@ -1903,9 +1954,12 @@ def main():
     if rt.is_main:
         Path("submission.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"final val_bpb {final.bpb:.5f} ({'ttt' if 'ttt' in results else 'sliding'})")
-    if rt.distributed:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as err:  # one clear line first; the traceback follows for the details
+        rank = os.environ.get("RANK", "0")
+        print(f"train_gpt.py{'' if rank == '0' else f' (rank {rank})'}: error: {err}", file=sys.stderr, flush=True)
+        raise

@@ -1,12 +1,10 @@
 """Shared fixtures: a tiny tokenizer trained here and a tiny corpus in the challenge's shard
-format. Nothing depends on ../shared or on a GPU."""
+format (tiny_data.py). Nothing depends on ../shared or on a GPU."""
 
-import io
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,58 +13,24 @@ sys.path.insert(0, str(ROOT))
 
 import train_gpt as tg  # noqa: E402
 
-TINY_VOCAB = 320
+# The tests' models are tiny: one thread runs them as fast as two, and leaves the second core to
+# the subprocesses some tests start (the background compile check, 2-rank groups, script runs).
+torch.set_num_threads(1)
+from tiny_data import TINY_VOCAB, encode_documents, synthetic_documents, write_tiny_dataset  # noqa: E402,F401
 
 
-def synthetic_documents(num_docs: int, seed: int) -> list[str]:
-    """Short English-like documents with a little structure, digits and non-ASCII text."""
-    rng = np.random.default_rng(seed)
-    subjects = ["the model", "a kernel", "the shard", "our loader", "every rank", "the tokenizer", "this test"]
-    verbs = ["reads", "writes", "scores", "compresses", "trains", "checks", "counts"]
-    objects = ["tokens", "bytes", "weights", "windows", "chunks", "gradients", "café menus", "東京 data"]
-    docs = []
-    for _ in range(num_docs):
-        sentences = []
-        for _ in range(rng.integers(2, 6)):
-            s = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.integers(0, 1000)} {rng.choice(objects)}"
-            sentences.append(s[0].upper() + s[1:] + ".")
-        docs.append(" ".join(sentences))
-    return docs
-
-
-def train_tokenizer(path: Path, vocab_size: int = TINY_VOCAB):
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(synthetic_documents(400, seed=0)), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
-        add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=1.0,
-        hard_vocab_limit=False, minloglevel=2,
-    )
-    path.write_bytes(model.getvalue())
-    return spm.SentencePieceProcessor(model_file=str(path))
-
-
-def encode_documents(sp, docs) -> np.ndarray:
-    ids = []
-    for d in docs:
-        ids += [tg.BOS_ID] + sp.encode(d)
-    return np.array(ids, dtype=np.uint16)
+def pytest_collection_modifyitems(items):
+    """A selected test with a `start_early` attribute starts its slow subprocess now, so that it
+    runs beside the rest of the suite (test_training.py's compile check)."""
+    for item in items:
+        getattr(getattr(item, "function", None), "start_early", lambda: None)()
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """DATA_DIR layout: datasets/fineweb10B_sp320/{train,val} shards + tokenizers/fineweb_320_bpe.model."""
     root = tmp_path_factory.mktemp("data")
-    (root / "tokenizers").mkdir()
-    sp = train_tokenizer(root / "tokenizers" / f"fineweb_{TINY_VOCAB}_bpe.model")
-    ds = root / "datasets" / f"fineweb10B_sp{TINY_VOCAB}"
-    ds.mkdir(parents=True)
-    for i in range(2):
-        tg.write_shard(ds / f"fineweb_train_{i:06d}.bin", encode_documents(sp, synthetic_documents(600, seed=10 + i)))
-    tg.write_shard(ds / "fineweb_val_000000.bin", encode_documents(sp, synthetic_documents(50, seed=99)))
-    return root, sp
+    return root, write_tiny_dataset(root)
 
 
 def tiny_hyperparameters(**overrides) -> "tg.Hyperparameters":

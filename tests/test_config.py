@@ -20,22 +20,34 @@ def test_defaults_match_the_record():
     assert h.accum_steps(8) == 1 and h.accum_steps(1) == 8 and h.accum_steps(2) == 4
 
 
-def test_every_field_is_overridable_by_its_upper_case_name():
-    env = {}
-    for f in dataclasses.fields(tg.Hyperparameters):
-        default = getattr(tg.Hyperparameters(), f.name)
-        if f.metadata.get("choices"):
-            env[f.name.upper()] = f.metadata["choices"][-1]
-        elif isinstance(default, bool):
-            env[f.name.upper()] = "0" if default else "1"
-        elif isinstance(default, (int, float)):
-            env[f.name.upper()] = str(default + 1 if f.metadata.get("hi") is None else default)
+def _non_default_value(f, default):
+    """A value other than the default that the field's range admits, as its env string."""
+    meta = f.metadata
+    if meta.get("choices"):
+        return next(c for c in meta["choices"] if c != default)
+    if isinstance(default, bool):
+        return "0" if default else "1"
+    if isinstance(default, (int, float)):
+        hi, lo = meta.get("hi"), meta.get("lo")
+        if hi is None or default + 1 <= hi:
+            value = default + 1
+        elif isinstance(default, float):
+            value = (default + hi) / 2 if default < hi else (default + lo) / 2
         else:
-            env[f.name.upper()] = "override"
+            value = default - 1
+        assert value != default and (lo is None or value >= lo)
+        return str(value)
+    return "override"
+
+
+def test_every_field_is_overridable_by_its_upper_case_name():
+    defaults = tg.Hyperparameters()
+    env = {f.name.upper(): _non_default_value(f, getattr(defaults, f.name)) for f in dataclasses.fields(tg.Hyperparameters)}
     h = tg.Hyperparameters.from_env(env)
     for f in dataclasses.fields(h):
         value = getattr(h, f.name)
-        assert str(value) == env[f.name.upper()] or value == tg._parse_value(f.name.upper(), env[f.name.upper()], f.type)
+        assert value != getattr(defaults, f.name), f.name  # the override took effect
+        assert value == tg._parse_value(f.name.upper(), env[f.name.upper()], f.type), f.name
 
 
 def test_overrides_are_typed():
@@ -96,6 +108,31 @@ def test_incompatible_combinations_name_the_variable(env, world_size, message):
     h = tg.Hyperparameters.from_env(env)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         h.validate(world_size)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("MAX_WALLCLOK_SECONDS", "MAX_WALLCLOK_SECONDS: not a hyperparameter; did you mean MAX_WALLCLOCK_SECONDS?"),
+        ("EMA_DECAYY", "did you mean EMA_DECAY?"),
+        ("WARMDOWN_FRACTION", "did you mean WARMDOWN_FRAC?"),
+        ("max_wallclock_seconds", "max_wallclock_seconds: hyperparameter variables are upper case; did you mean MAX_WALLCLOCK_SECONDS?"),
+    ],
+)
+def test_misspelled_variable_is_refused(name, message):
+    with pytest.raises(ValueError, match=message):
+        tg.Hyperparameters.from_env({name: "5"})
+
+
+def test_unrelated_environment_variables_pass():
+    launcher = "PATH HOME CUDA_VISIBLE_DEVICES NCCL_DEBUG OMP_NUM_THREADS MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK ROLE_RANK TORCHELASTIC_RUN_ID TORCHINDUCTOR_CACHE_DIR PYTHONPATH LD_LIBRARY_PATH"
+    tg.Hyperparameters.from_env(dict.fromkeys(launcher.split(), "1"))
+
+
+@pytest.mark.parametrize("run_id", ["../../x", "a/b", "..", "c:\\x"])
+def test_run_id_must_be_a_plain_file_name(run_id):
+    with pytest.raises(ValueError, match="RUN_ID=.*: must be a plain file name, without directories"):
+        tg.Hyperparameters.from_env({"RUN_ID": run_id})
 
 
 def test_world_size_two_with_same_global_batch_is_valid():

@@ -42,9 +42,15 @@ def test_shard_rejections_name_the_file(tmp_path, mutate, message):
     assert str(path) in str(err.value)
 
 
+def test_missing_data_dir_says_how_to_download(tmp_path):
+    h = tiny_hyperparameters(data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"DATA_DIR='.*nowhere': directory not found; download it .*cached_challenge_fineweb.py --variant sp320"):
+        tg.check_data_dir(h)
+
+
 def test_missing_directory_and_empty_glob(tmp_path):
     h = tiny_hyperparameters(data_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="dataset directory .* not found"):
+    with pytest.raises(FileNotFoundError, match="dataset directory .* not found .*DATA_DIR=.*VOCAB_SIZE=320"):
         tg.find_shards(h, "train")
     tg.dataset_dir(h).mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"no .*fineweb_train_\*\.bin shards found"):
@@ -57,6 +63,13 @@ def test_tokenizer_missing_and_wrong_vocab(tiny_data, tmp_path):
         tg.load_tokenizer(tmp_path / "nope.model", TINY_VOCAB)
     with pytest.raises(ValueError, match=f"VOCAB_SIZE=8192 but tokenizer .* has {TINY_VOCAB} pieces"):
         tg.load_tokenizer(root / "tokenizers" / f"fineweb_{TINY_VOCAB}_bpe.model", 8192)
+
+
+def test_corrupt_tokenizer_names_the_file_and_variable(tmp_path):
+    path = tmp_path / "fineweb_320_bpe.model"
+    path.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ValueError, match=r"tokenizer .*fineweb_320_bpe.model \(DATA_DIR/tokenizers/fineweb_<VOCAB_SIZE>_bpe.model\) is not a readable sentencepiece model"):
+        tg.load_tokenizer(path, TINY_VOCAB)
 
 
 def _loader(files, rank=0, world=1, seed=0, seq_len=16, batch=4, vocab=65536):
@@ -127,10 +140,10 @@ def test_rank_loader_stays_inside_its_span(tmp_path):
             assert seqs.min() >= lo and seqs.max() < hi
 
 
-def test_out_of_vocab_training_tokens_are_rejected(tmp_path):
-    files = _shards(tmp_path, [2000])
-    with pytest.raises(ValueError, match=r"training token id \d+ >= VOCAB_SIZE=100"):
-        _loader(files, vocab=100).next_sequences()
+def test_out_of_vocab_training_tokens_name_their_shard(tmp_path):
+    files = _shards(tmp_path, [50, 2000])  # ids 0..49 in shard 0 are in range, shard 1's are not
+    with pytest.raises(ValueError, match=r"fineweb_train_000001.bin: training token id \d+ >= VOCAB_SIZE=100"):
+        _loader(files, vocab=100, batch=2).next_sequences()
 
 
 def test_shards_too_small_for_a_sequence(tmp_path):
@@ -147,7 +160,7 @@ def test_validation_tokens_truncated_to_whole_windows(tmp_path):
     assert len(tokens) == 65 and tokens.tolist() == list(range(65))  # (80-1)//16*16 + 1
     with pytest.raises(ValueError, match="fewer than EVAL_SEQ_LEN"):
         tg.load_validation_tokens(files, seq_len=100, vocab_size=100)
-    with pytest.raises(ValueError, match="validation token id 79 >= VOCAB_SIZE=70"):
+    with pytest.raises(ValueError, match="fineweb_val_000001.bin: validation token id 79 >= VOCAB_SIZE=70"):
         tg.load_validation_tokens(files, seq_len=16, vocab_size=70)
 
 

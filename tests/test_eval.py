@@ -68,7 +68,11 @@ def test_changing_future_tokens_changes_no_earlier_score(tiny_data, cpu_runtime,
     model = _model()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     base = _evaluate(model, tokens, tables, mode, cpu_runtime, return_token_nll=True).token_nll
-    for t in (40, 200, 457):  # tokens after position t change; targets at positions <= t must not
+    # Tokens after position t change; targets at positions <= t must not. With TTT also right after
+    # each chunk boundary (t = c CHUNK + 1): a TTT step that read even one token past its scored
+    # chunk would carry the change into target c CHUNK, the first of the next chunk.
+    after_boundaries = tuple(c * CHUNK + 1 for c in range(1, (len(tokens) - 2) // CHUNK + 1))
+    for t in (40,) + after_boundaries if mode == "ttt" else (40, 200, 457):
         model.load_state_dict(state)  # TTT modified the weights
         changed = tokens.clone()
         changed[t + 1 :] = (changed[t + 1 :] * 7 + 3) % 320

@@ -1791,9 +1791,10 @@ def _ttt_train_chunk(model, optimizer, tokens, first_target, chunk, seq_len, lr,
         for b in range(0, num_seqs, ttt.batch_seqs):
             first = b + rt.rank * per_rank
             starts = torch.arange(first, first + per_rank, device=rt.device) * seq_len + first_target
-            seqs = tokens[starts[:, None] + torch.arange(seq_len + 1, device=rt.device)]
-            if trace is not None:
-                trace.append(("train", int(starts.min()), int(starts.max()) + seq_len))
+            positions = starts[:, None] + torch.arange(seq_len + 1, device=rt.device)
+            seqs = tokens[positions]
+            if trace is not None:  # the tokens read: inputs from positions.min(), targets up to positions.max() - 1
+                trace.append(("train", int(positions.min()), int(positions.max())))
             with autocast(rt.device):
                 loss = model(seqs[:, :-1], seqs[:, 1:])
             optimizer.zero_grad(set_to_none=False)

@@ -147,3 +147,28 @@ def test_readme_documents_every_hyperparameter():
     readme = (ROOT / "README.md").read_text()
     missing = [f.name.upper() for f in dataclasses.fields(tg.Hyperparameters) if f"`{f.name.upper()}`" not in readme]
     assert not missing, missing
+
+
+def test_ci_runs_the_readme_test_command_last():
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    last = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert last == "python3 -m pytest -q tests" and f"```bash\n{last}\n```" in readme
+
+
+def test_readme_quick_run_writes_data_and_valid_settings(tmp_path, monkeypatch):
+    """The README's CPU quick run: tests/tiny_data.py writes a DATA_DIR and an env file whose
+    settings the script accepts (test_smoke runs the same settings end to end)."""
+    import runpy
+
+    from conftest import ROOT
+
+    assert "python3 tests/tiny_data.py /tmp/tiny && env $(cat /tmp/tiny/quick_run.env) python3 train_gpt.py" in (ROOT / "README.md").read_text()
+    monkeypatch.setattr("sys.argv", ["tiny_data.py", str(tmp_path)])
+    runpy.run_path(str(ROOT / "tests" / "tiny_data.py"), run_name="__main__")
+    env = dict(item.split("=", 1) for item in (tmp_path / "quick_run.env").read_text().split())
+    h = tg.Hyperparameters.from_env(env)
+    h.validate(1)
+    assert h.data_dir == str(tmp_path) and len(tg.find_shards(h, "train")) == 2
+    tg.load_tokenizer(tg.tokenizer_path(h), h.vocab_size)

@@ -104,6 +104,9 @@ class Hyperparameters:
     loop_end: int = _param(5, lo=0)
     num_loops: int = _param(2, lo=0)  # extra passes over layers loop_start..loop_end
     loop_start_frac: float = _param(0.35, lo=0, hi=1)
+    smear_gate: bool = _param(False)  # mix each token's embedding with the previous one's (not across BOS)
+    attn_gate: bool = _param(False)  # per-head sigmoid gate on the attention output from 12 input dims
+    attn_gate_scale: float = _param(1.0, lo=0)
     # optimizer
     muon_lr: float = _param(0.022, lo=0)
     muon_momentum: float = _param(0.99, lo=0, hi=0.9999)
@@ -111,6 +114,7 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = _param(1500, lo=0)
     muon_wd: float = _param(0.095, lo=0)
     muon_ns_steps: int = _param(5, lo=1)
+    muon_ns_coefficients: str = _param("quintic", choices=("quintic", "polar_express"))  # NEWTON_SCHULZ_COEFFICIENTS
     embed_lr: float = _param(0.03, lo=0)
     embed_wd: float = _param(0.085, lo=0)
     scalar_lr: float = _param(0.02, lo=0)
@@ -120,7 +124,7 @@ class Hyperparameters:
     adam_eps: float = _param(1e-8, lo=0, lo_open=True)
     grad_clip_norm: float = _param(0.3, lo=0)  # 0 disables clipping
     warmdown_frac: float = _param(0.72, lo=0, hi=1)
-    min_lr_frac: float = _param(0.0, lo=0, hi=1)
+    min_lr_frac: float = _param(0.0, lo=0, hi=1)  # floor of the LR multiplier during warmdown
     ema_decay: float = _param(0.9965, lo=0, hi=1)
     ema_power: float = _param(15.0, lo=0)  # early on the EMA averages iterates with weights ~ step^power
     # quantization and artifact
@@ -581,6 +585,9 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
         self.rotary = PartialRotary(h.rope_dims, h.rope_base, h.train_seq_len)
         self.backend = "math"  # set by configure_kernels
+        # sparse output gate: head h's output times sigmoid(s W_h x[:GATE_INPUTS]); W = 0 gives 1/2
+        self.gate = nn.Parameter(torch.zeros(h.num_heads, GATE_INPUTS)) if h.attn_gate else None
+        self.gate_scale = h.attn_gate_scale
 
     def qkv_row_blocks(self) -> list[slice]:
         """Row ranges of q, k and v inside the fused qkv weight."""
@@ -597,6 +604,8 @@ class Attention(nn.Module):
         q, k = self.rotary(q), self.rotary(k)
         q = q * self.q_gain.to(q.dtype)[:, None]
         y = exclusive_self_attention(causal_attention(q, k, v, self.backend), v)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate_scale * F.linear(x[..., :GATE_INPUTS], self.gate.to(x.dtype)))[..., None]
         return self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -722,11 +731,31 @@ class SoftcapTokenLoss(nn.Module):
         return losses.mean() if reduction == "mean" else losses
 
 
+GATE_INPUTS = 12  # the gates read the first 12 channels of their input
+
+
+class SmearGate(nn.Module):
+    """e'_t = e_t + lambda sigmoid(w . e_t[:12]) e_(t-1) on the token embeddings, except where token t
+    is BOS: a document's first token takes nothing from the previous document. w and lambda start
+    at zero, so the gate starts as the identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(GATE_INPUTS))
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        gate = self.scale * torch.sigmoid(emb[..., :GATE_INPUTS] @ self.weight) * (ids != BOS_ID)
+        previous = F.pad(emb[:, :-1], (0, 0, 1, 0))  # e_(t-1); zero before the window's first token
+        return emb + gate[..., None] * previous
+
+
 class GPT(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
         self.h = h
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        self.smear = SmearGate() if h.smear_gate else None
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
         num_skips = len(virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops)) // 2
         self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim))
@@ -754,7 +783,10 @@ class GPT(nn.Module):
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [B, T, C]. The first half of the virtual layers push their
         outputs on a stack; the second half pop them as U-Net skips."""
-        x = rms_norm(self.tok_emb(ids))
+        x = self.tok_emb(ids)
+        if self.smear is not None:
+            x = self.smear(x, ids)
+        x = rms_norm(x)
         if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
             # bf16 residual stream: half the bytes in every elementwise pass (+9% tokens/s on H100)
             x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -840,16 +872,32 @@ def peak_flops(device: torch.device) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def newton_schulz_orthogonalize(G: torch.Tensor, steps: int) -> torch.Tensor:
-    """Approximate U V^T of each matrix in a stack [n, r, c] by the quintic Newton-Schulz
-    iteration (coefficients 3.4445, -4.7750, 2.0315), in bf16."""
+# Odd quintic p(x) = a x + b x^3 + c x^5 applied to the singular values at each Newton-Schulz step.
+NEWTON_SCHULZ_COEFFICIENTS = {
+    "quintic": [(3.4445, -4.7750, 2.0315)],  # the same polynomial at every step (Muon's)
+    # Polar Express (Amsel et al. 2025): a polynomial per step, each optimal for the range of
+    # singular values left by the previous ones; the last repeats if there are more steps.
+    "polar_express": [
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ],
+}
+
+
+def newton_schulz_orthogonalize(G: torch.Tensor, steps: int, coefficients: str = "quintic") -> torch.Tensor:
+    """Approximate U V^T of each matrix in a stack [n, r, c] by `steps` Newton-Schulz iterations
+    X <- a X + (b A + c A^2) X, A = X X^T, in bf16, with NEWTON_SCHULZ_COEFFICIENTS[coefficients]."""
     X = G.bfloat16()
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    a, b, c = 3.4445, -4.7750, 2.0315
-    for _ in range(steps):
+    schedule = NEWTON_SCHULZ_COEFFICIENTS[coefficients]
+    for i in range(steps):
+        a, b, c = schedule[min(i, len(schedule) - 1)]
         A = X @ X.mT
         X = a * X + (b * A + c * (A @ A)) @ X
     return X.mT if transposed else X
@@ -863,8 +911,9 @@ class Muon:
     all-gather per bank gives every rank all updates.
     """
 
-    def __init__(self, matrices: list[tuple[nn.Parameter, slice]], lr, weight_decay, ns_steps, rank, world_size):
+    def __init__(self, matrices: list[tuple[nn.Parameter, slice]], lr, weight_decay, ns_steps, rank, world_size, ns_coefficients="quintic"):
         self.lr, self.weight_decay, self.ns_steps, self.momentum = lr, weight_decay, ns_steps, 0.0
+        self.ns_coefficients = ns_coefficients
         self.rank, self.world_size = rank, world_size
         by_shape: dict[tuple, list] = {}
         for p, rows in matrices:
@@ -888,7 +937,7 @@ class Muon:
                 m.mul_(self.momentum).add_(g)
                 u = g.add(m, alpha=self.momentum)  # Nesterov
                 u = u / (u.norm(dim=-1, keepdim=True) + 1e-7)  # MuonEq-R: unit rows first
-                u = newton_schulz_orthogonalize(u, self.ns_steps) * math.sqrt(max(1.0, rows_ / cols_))
+                u = newton_schulz_orthogonalize(u, self.ns_steps, self.ns_coefficients) * math.sqrt(max(1.0, rows_ / cols_))
                 lo = self.rank * bank["share"]
                 updates[lo : lo + len(bank["mine"])] = u
             if self.world_size > 1:
@@ -950,7 +999,7 @@ def split_parameters(model: GPT):
 class Optimizers:
     def __init__(self, model: GPT, h: Hyperparameters, rt: Runtime):
         matrices, embed, scalars = split_parameters(model)
-        self.muon = Muon(matrices, h.muon_lr, h.muon_wd, h.muon_ns_steps, rt.rank, rt.world_size)
+        self.muon = Muon(matrices, h.muon_lr, h.muon_wd, h.muon_ns_steps, rt.rank, rt.world_size, h.muon_ns_coefficients)
         groups = [dict(params=embed, lr=h.embed_lr, weight_decay=h.embed_wd, base_lr=h.embed_lr), dict(params=scalars, lr=h.scalar_lr, weight_decay=h.scalar_wd, base_lr=h.scalar_lr)]
         self.adam = torch.optim.AdamW(groups, betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, fused=rt.device.type == "cuda")
         self.grads = GradBuffer(list(model.parameters()))
@@ -979,11 +1028,19 @@ class Optimizers:
 # ---------------------------------------------------------------------------------------------
 
 
+def training_progress(step: int, elapsed: float, budget: float, iterations: int) -> float:
+    """How far training is, in [0, 1]: the larger of the step count's and the clock's share, so a
+    run with ITERATIONS=N and a large MAX_WALLCLOCK_SECONDS follows the steps exactly (warmdown,
+    depth-recurrence switch), while a timed run follows the clock."""
+    return min(1.0, max(step / iterations, elapsed / budget))
+
+
 def lr_multiplier(frac: float, warmdown_frac: float, min_lr_frac: float) -> float:
-    """Flat, then linear warmdown over the last warmdown_frac of the time budget."""
+    """Flat, then a linear warmdown to zero over the last warmdown_frac of training, never below
+    the floor min_lr_frac."""
     if warmdown_frac <= 0 or frac < 1 - warmdown_frac:
         return 1.0
-    return min_lr_frac + (1 - min_lr_frac) * max(0.0, 1 - frac) / warmdown_frac
+    return max(min_lr_frac, max(0.0, 1 - frac) / warmdown_frac)
 
 
 def muon_momentum_at(step: int, h: Hyperparameters) -> float:
@@ -1079,8 +1136,9 @@ class TrainResult:
 
 
 def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -> TrainResult:
-    """Time-based schedule: progress = elapsed / (MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS).
-    Stops before a step that would end past that budget (predicted from the last step).
+    """Schedule driven by training_progress: the clock's share of the budget MAX_WALLCLOCK_SECONDS
+    - GPTQ_RESERVE_SECONDS, or the step's share of ITERATIONS if larger. Stops at ITERATIONS or
+    before a step that would end past the budget (predicted from the last step).
     `clock` (seconds) is injectable so that tests can drive the guard without sleeping."""
     budget = h.max_wallclock_seconds - h.gptq_reserve_seconds
     accum = h.accum_steps(rt.world_size)
@@ -1091,10 +1149,10 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
     log(f"training: budget {budget:.1f}s (MAX_WALLCLOCK_SECONDS {h.max_wallclock_seconds} - GPTQ_RESERVE_SECONDS {h.gptq_reserve_seconds}), {tokens_per_step} tokens/step, {accum} micro-steps of {h.train_batch_tokens // (accum * rt.world_size * h.train_seq_len)} sequences per rank")
     t0 = clock()
     while (reason := stop_reason(step, elapsed, last_step_seconds, budget, h.iterations)) is None:
-        frac = elapsed / budget
+        frac = training_progress(step, elapsed, budget, h.iterations)
         looping = h.num_loops > 0 and frac >= h.loop_start_frac
         if looping and not model.looping:
-            log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of budget), order {virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops)}")
+            log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of training), order {virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops)}")
         model.looping = looping
         loss = train_step(model, optimizers, loader, h, rt, accum, lr_multiplier(frac, h.warmdown_frac, h.min_lr_frac), muon_momentum_at(step, h))
         ema.update()
@@ -1373,7 +1431,7 @@ def allocate_quantization_steps(model: GPT, hessians: dict, loader: TrainLoader,
 
 ARTIFACT_MAGIC = b"PGOLF1"
 ARTIFACT_LIMIT_BYTES = 16_000_000
-ARCH_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "loop_start", "loop_end", "num_loops")
+ARCH_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "loop_start", "loop_end", "num_loops", "smear_gate", "attn_gate")
 
 
 def byte_shuffle(data: bytes, stride: int) -> bytes:

@@ -19,6 +19,7 @@ torch.set_num_threads(1)
 from tiny_data import TINY_VOCAB, encode_documents, synthetic_documents, write_tiny_dataset  # noqa: E402,F401
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected
 def pytest_collection_modifyitems(items):
     """A selected test with a `start_early` attribute starts its slow subprocess now, so that it
     runs beside the rest of the suite (test_training.py's compile check)."""

@@ -187,3 +187,43 @@ def test_mfu_flop_count_matches_reference_convention():
     assert tg.flops_per_token(h, 11) == 6 * (11 * 2_883_584 + 8192 * 512) + 12 * 11 * 512 * 2048
     # the reference's 960k tok/s on one H100 is ~34% MFU under this convention
     assert 0.33 < 960_000 * tg.flops_per_token(h, 11) / 989e12 < 0.35
+
+
+def test_smear_gate_is_the_identity_at_init_and_never_crosses_bos():
+    torch.manual_seed(0)
+    smear = tg.SmearGate()
+    emb = torch.randn(2, 10, 32, dtype=torch.float64)
+    ids = torch.randint(4, 100, (2, 10))
+    ids[:, [3, 7]] = tg.BOS_ID
+    assert torch.equal(smear.double()(emb, ids), emb)  # w = 0, lambda = 0
+    smear.weight.data.normal_()
+    smear.scale.data.fill_(0.8)
+    out = smear(emb, ids)
+    gate = 0.8 * torch.sigmoid(emb[..., :12] @ smear.weight)
+    expected = emb.clone()
+    expected[:, 1:] += gate[:, 1:, None] * emb[:, :-1]
+    expected[:, [3, 7]] = emb[:, [3, 7]]  # BOS positions take nothing from the previous token
+    assert torch.allclose(out, expected)
+    # changing everything before a BOS changes nothing at or after it... at the embedding level
+    changed = emb.clone()
+    changed[:, :3] = torch.randn_like(changed[:, :3])
+    assert torch.equal(smear(changed, ids)[:, 3:], out[:, 3:])
+
+
+def test_attention_gate_halves_each_head_at_init_and_follows_its_formula():
+    h = tiny_hyperparameters(attn_gate=True, attn_gate_scale=0.5)
+    gated = tg.Attention(h).double()
+    plain = tg.Attention(tiny_hyperparameters()).double()
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate"})
+    captured = {}
+    for name, m in (("gated", gated), ("plain", plain)):
+        m.proj.register_forward_pre_hook(lambda mod, args, name=name: captured.__setitem__(name, args[0]))
+    x = torch.randn(2, 12, h.model_dim, dtype=torch.float64)
+    gated(x), plain(x)
+    assert torch.allclose(captured["gated"], 0.5 * captured["plain"])  # sigmoid(0) on every head
+    gated.gate.data.normal_()
+    gated(x)
+    g = torch.sigmoid(0.5 * x[..., :12] @ gated.gate.T)  # [B, T, heads]
+    per_head = captured["plain"].view(2, 12, h.num_heads, -1) * g[..., None]
+    assert torch.allclose(captured["gated"], per_head.view(2, 12, -1))
+    assert set(dict(gated.named_parameters())) - set(dict(plain.named_parameters())) == {"gate"}

@@ -27,6 +27,23 @@ def test_newton_schulz_output_is_near_orthogonal():
         assert torch.nn.functional.cosine_similarity((U @ Vh).flatten(1), X.flatten(1)).min() > 0.97
 
 
+def test_polar_express_maps_singular_values_closer_to_one():
+    torch.manual_seed(0)
+    for shape in [(64, 64), (32, 128), (256, 64)]:
+        G = torch.randn(3, *shape)
+        polar = torch.linalg.svdvals(tg.newton_schulz_orthogonalize(G, 5, "polar_express").double())
+        quintic = torch.linalg.svdvals(tg.newton_schulz_orthogonalize(G, 5, "quintic").double())
+        assert 0.84 < torch.quantile(polar.flatten(), 0.05) and polar.max() < 1.16  # all but the tiniest
+        assert torch.quantile(quintic.flatten(), 0.05) < 0.77  # where the fixed quintic leaves them
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    X = tg.newton_schulz_orthogonalize(G, 5, "polar_express").double()
+    assert torch.nn.functional.cosine_similarity((U @ Vh).flatten(1), X.flatten(1)).min() > 0.99
+
+
+def test_muon_coefficient_choices_are_the_table():
+    assert tg.Hyperparameters.__dataclass_fields__["muon_ns_coefficients"].metadata["choices"] == tuple(tg.NEWTON_SCHULZ_COEFFICIENTS)
+
+
 def _assert_near_orthogonal(s):
     """The quintic iteration maps singular values into about [0.7, 1.2]; only the few tiny
     ones of the input (a random square matrix has some) stay below."""
@@ -118,7 +135,28 @@ def test_lr_schedule_flat_then_linear_warmdown():
     assert tg.lr_multiplier(0.64, 0.72, 0.0) == pytest.approx(0.5)
     assert tg.lr_multiplier(1.0, 0.72, 0.0) == 0.0
     assert tg.lr_multiplier(1.0, 0.72, 0.1) == pytest.approx(0.1)
+    assert tg.lr_multiplier(0.64, 0.72, 0.1) == pytest.approx(0.5)  # a floor, not a rescaled ramp
+    assert tg.lr_multiplier(0.95, 0.72, 0.1) == pytest.approx(0.1)
     assert tg.lr_multiplier(0.5, 0.0, 0.0) == 1.0
+
+
+def test_training_progress_follows_steps_or_clock_whichever_is_further():
+    assert tg.training_progress(50, 10.0, 100.0, 200) == 0.25  # step-driven (B4)
+    assert tg.training_progress(50, 60.0, 100.0, 20000) == 0.6  # clock-driven (a timed run)
+    assert tg.training_progress(300, 10.0, 100.0, 200) == 1.0
+
+
+def test_fixed_step_run_switches_recurrence_and_warms_down_by_steps(tmp_path, tiny_data):
+    """ITERATIONS=20 with a budget far away: recurrence from step 7 (35%), LR multiplier
+    1 - (step/20 - 0.28)/0.72 in warmdown, as the steps say, whatever the clock."""
+    h, rt, model, opt, make_loader = _tiny_training(tmp_path, tiny_data, iterations=20, max_wallclock_seconds=1e6, grad_accum_steps=1, log_every=1)
+    lines, multipliers = [], []
+    step = opt.step
+    opt.step = lambda lr_mult, momentum, clip: (multipliers.append(lr_mult), step(lr_mult, momentum, clip))[1]
+    result = tg.train(model, opt, tg.WeightEMA(list(model.parameters()), h.ema_decay, h.ema_power), make_loader(), h, rt, lines.append)
+    assert result.steps == 20 and result.stop_reason == "reached ITERATIONS=20"
+    assert any(l.startswith("step 7: depth recurrence on") for l in lines)
+    assert multipliers[:6] == [1.0] * 6 and multipliers[19] == pytest.approx(0.05 / 0.72)
 
 
 def test_muon_momentum_warmup():

@@ -1,0 +1,134 @@
+"""Paired fixed-step A/B runs of train_gpt.py (B4): every variant over the same seeds and steps
+as the baseline, then per-seed and mean differences of every val_bpb stage, and tokens/s.
+
+    python3 bench/ab.py --out /tmp/ab --seeds 1,2 \
+        --common "ITERATIONS=100 MAX_WALLCLOCK_SECONDS=100000 TTT_ENABLED=0" \
+        --variant base= --variant polar=MUON_NS_COEFFICIENTS=polar_express [--gpus 0,1]
+
+The first variant is the baseline A; every other one is a B compared against it. Runs go in
+the order seed 1 (all variants), seed 2 (all variants), ... so that a cut-short call still
+leaves complete pairs; with --gpus, one run per GPU at a time. Each run works in
+OUT/<variant>_s<seed>/ (log, submission.json, artifact); the table is printed and written to
+OUT/summary.txt. --report only re-reads OUT. A fixed-step run needs ITERATIONS and a
+MAX_WALLCLOCK_SECONDS far past what the steps take (the schedule then follows the steps).
+"""
+
+import argparse
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("raw", "ema", "quantized", "sliding", "ttt")
+
+
+def parse_env(text: str) -> dict:
+    return dict(item.split("=", 1) for item in text.split())
+
+
+def run_one(out: Path, name: str, env: dict, seed: int, gpu: str | None) -> str:
+    run_dir = out / f"{name}_s{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    full = {**os.environ, **env, "SEED": str(seed), "RUN_ID": f"{name}_s{seed}", "LOG_DIR": str(run_dir)}
+    if gpu is not None:
+        full["CUDA_VISIBLE_DEVICES"] = gpu
+    t0 = time.time()
+    with open(run_dir / "stdout.txt", "w") as f:
+        proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=run_dir, env=full, stdout=f, stderr=subprocess.STDOUT)
+    return f"{name}_s{seed}: exit {proc.returncode} in {time.time() - t0:.0f}s"
+
+
+def run_all(out: Path, variants: dict, seeds: list[int], common: dict, gpus: list[str | None]):
+    jobs = queue.Queue()
+    for seed in seeds:
+        for name, env in variants.items():
+            jobs.put((name, {**common, **env}, seed))
+
+    def worker(gpu):
+        while True:
+            try:
+                name, env, seed = jobs.get_nowait()
+            except queue.Empty:
+                return
+            print(run_one(out, name, env, seed, gpu), flush=True)
+
+    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def load(out: Path, name: str, seed: int) -> dict | None:
+    path = out / f"{name}_s{seed}" / "submission.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def report(out: Path, variants: list[str], seeds: list[int]) -> str:
+    base = variants[0]
+    lines = [f"A/B, baseline {base!r}; B - A in val_bpb (negative: B better); seeds {seeds}"]
+    for name in variants:
+        runs = {s: load(out, name, s) for s in seeds}
+        for s, r in runs.items():
+            if r is None:
+                lines.append(f"  {name} seed {s}: no result")
+            else:
+                stages = " ".join(f"{k} {r['val_bpb_stages'][k]:.5f}" for k in STAGES if k in r["val_bpb_stages"])
+                tps = r.get("train_tokens_per_second", {})
+                lines.append(f"  {name} seed {s}: steps {r['steps']} {stages} | tok/s {tps.get('before_looping', 0):,} / {tps.get('looping', 0):,} | bytes {r['artifact_bytes']['total']:,}")
+    for name in variants[1:]:
+        lines.append(f"{name} - {base}:")
+        for k in STAGES:
+            diffs = []
+            for s in seeds:
+                a, b = load(out, base, s), load(out, name, s)
+                if a and b and k in a["val_bpb_stages"] and k in b["val_bpb_stages"]:
+                    diffs.append(b["val_bpb_stages"][k] - a["val_bpb_stages"][k])
+            if diffs:
+                per_seed = ", ".join(f"{d:+.5f}" for d in diffs)
+                lines.append(f"  {k:9s} mean {statistics.mean(diffs):+.5f}  per seed [{per_seed}]")
+        for phase in ("before_looping", "looping"):
+            ratios = []
+            for s in seeds:
+                a, b = load(out, base, s), load(out, name, s)
+                if a and b and phase in a.get("train_tokens_per_second", {}) and phase in b.get("train_tokens_per_second", {}):
+                    ratios.append(b["train_tokens_per_second"][phase] / a["train_tokens_per_second"][phase] - 1)
+            if ratios:
+                lines.append(f"  tok/s {phase:14s} {100 * statistics.mean(ratios):+.1f}%")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seeds", default="1,2")
+    ap.add_argument("--common", default="", help="settings of every run, 'KEY=VALUE ...'")
+    ap.add_argument("--variant", action="append", required=True, help="NAME='KEY=VALUE ...' (the first is the baseline)")
+    ap.add_argument("--gpus", default="", help="comma-separated GPU ids, one run per GPU at a time")
+    ap.add_argument("--report", action="store_true", help="only print the table of the runs in OUT")
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if len(seeds) < 2:
+        ap.error("B4 needs at least 2 seeds")
+    variants = {}
+    for v in args.variant:
+        name, _, env = v.partition("=")
+        variants[name] = parse_env(env)
+    if not args.report:
+        common = parse_env(args.common)
+        if "ITERATIONS" not in common:
+            ap.error("--common must set ITERATIONS (B4 runs a fixed number of steps)")
+        run_all(args.out, variants, seeds, common, args.gpus.split(",") if args.gpus else [None])
+    table = report(args.out, list(variants), seeds)
+    print(table)
+    (args.out / "summary.txt").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -841,6 +841,8 @@ def compile_model(model: GPT):
     torch._dynamo.config.cache_size_limit = 64  # train + eval + TTT variants exceed the default 8
     for block in model.blocks:
         block.compile(dynamic=False, fullgraph=True)
+    if model.smear is not None:  # elementwise passes over the fp32 embeddings: one fused kernel
+        model.smear.compile(dynamic=False, fullgraph=True)
     if not model.token_loss.fused:  # the fused loss is a matmul and one kernel: nothing to fuse
         model.token_loss.compile(dynamic=False, fullgraph=True)
 

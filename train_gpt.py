@@ -104,7 +104,7 @@ class Hyperparameters:
     loop_end: int = _param(5, lo=0)
     num_loops: int = _param(2, lo=0)  # extra passes over layers loop_start..loop_end
     loop_start_frac: float = _param(0.35, lo=0, hi=1)
-    smear_gate: bool = _param(False)  # mix each token's embedding with the previous one's (not across BOS)
+    smear_gate: bool = _param(True)  # mix each token's embedding with the previous one's (not across BOS)
     attn_gate: bool = _param(False)  # per-head sigmoid gate on the attention output from 12 input dims
     attn_gate_scale: float = _param(1.0, lo=0)
     # optimizer
@@ -114,7 +114,7 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = _param(1500, lo=0)
     muon_wd: float = _param(0.095, lo=0)
     muon_ns_steps: int = _param(5, lo=1)
-    muon_ns_coefficients: str = _param("quintic", choices=("quintic", "polar_express"))  # NEWTON_SCHULZ_COEFFICIENTS
+    muon_ns_coefficients: str = _param("polar_express", choices=("quintic", "polar_express"))  # NEWTON_SCHULZ_COEFFICIENTS
     embed_lr: float = _param(0.03, lo=0)
     embed_wd: float = _param(0.085, lo=0)
     scalar_lr: float = _param(0.02, lo=0)

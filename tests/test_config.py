@@ -16,6 +16,8 @@ def test_defaults_match_the_record():
     assert (h.train_batch_tokens, h.train_seq_len, h.grad_clip_norm, h.ema_decay) == (786432, 2048, 0.3, 0.9965)
     assert (h.eval_seq_len, h.eval_stride, h.ttt_chunk_tokens, h.ttt_lr, h.ttt_epochs) == (2048, 64, 32768, 0.005, 3)
     assert (h.matrix_bits, h.matrix_clip_k, h.embed_bits, h.embed_clip_k) == (6, 12.85, 8, 20.0)
+    # past the record, the defaults that won their A/B (README): Polar Express, SmearGate; no attention gate
+    assert (h.muon_ns_coefficients, h.smear_gate, h.attn_gate) == ("polar_express", True, False)
     h.validate(world_size=8)
     assert h.accum_steps(8) == 1 and h.accum_steps(1) == 8 and h.accum_steps(2) == 4
 

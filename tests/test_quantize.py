@@ -301,7 +301,7 @@ def test_rans_detects_corruption():
         tg.rans_decode(bytes(data))
 
 
-@pytest.mark.parametrize("gates", [{}, dict(smear_gate=True, attn_gate=True)])
+@pytest.mark.parametrize("gates", [dict(smear_gate=False), dict(smear_gate=True, attn_gate=True)])
 def test_artifact_round_trip_is_exact(cpu_runtime, gates):
     h = tiny_hyperparameters(compress_level=5, **gates)
     model, hessians = _tiny_model_and_hessians(h)
@@ -322,8 +322,8 @@ def test_artifact_rejects_other_architectures_and_garbage(cpu_runtime):
     blob = tg.pack_artifact(tg.quantize_model(model, hessians, h, cpu_runtime), h, looping=False)
     with pytest.raises(ValueError, match="trained with NUM_LAYERS=4, but NUM_LAYERS=5 now"):
         tg.unpack_artifact(blob, tiny_hyperparameters(num_layers=5))
-    with pytest.raises(ValueError, match="trained with SMEAR_GATE=False, but SMEAR_GATE=True now"):
-        tg.unpack_artifact(blob, tiny_hyperparameters(smear_gate=True))
+    with pytest.raises(ValueError, match="trained with SMEAR_GATE=True, but SMEAR_GATE=False now"):
+        tg.unpack_artifact(blob, tiny_hyperparameters(smear_gate=False))
     with pytest.raises(ValueError, match="bad magic"):
         tg.unpack_artifact(b"junk" + blob, h)
 

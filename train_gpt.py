@@ -575,6 +575,9 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return y.view(B, T, H, D)
 
 
+GATE_INPUTS = 12  # the attention output gate and the SmearGate read the first 12 channels of their input
+
+
 class Attention(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -729,9 +732,6 @@ class SoftcapTokenLoss(nn.Module):
         else:  # the plain path; also per-token losses with a gradient, which nothing uses
             losses = softcap_cross_entropy(F.linear(hidden, weight), targets, self.softcap)
         return losses.mean() if reduction == "mean" else losses
-
-
-GATE_INPUTS = 12  # the gates read the first 12 channels of their input
 
 
 class SmearGate(nn.Module):

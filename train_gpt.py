@@ -20,11 +20,13 @@ Launch:  torchrun --standalone --nproc_per_node=8 train_gpt.py
 
 from __future__ import annotations
 
+import ast
 import base64
 import contextlib
 import copy
 import dataclasses
 import difflib
+import hashlib
 import json
 import lzma
 import math
@@ -1649,6 +1651,17 @@ def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Te
     return state, header["looping"]
 
 
+def strip_docstrings(source: str) -> str:
+    """The same program without docstrings and comments: parsed, every module, class and function
+    docstring dropped (a body left empty gets `pass`), and written back by ast.unparse, which
+    keeps no comments. What the submitted copy compresses; ~10 KB fewer counted bytes."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node, clean=False) is not None:
+            node.body = node.body[1:] or [ast.Pass()]
+    return ast.unparse(tree) + "\n"
+
+
 def self_extracting_source(source: bytes) -> bytes:
     """A runnable copy of this file: the source, lzma-compressed and base85-encoded, behind a
     four-line loader. Submitting it costs a quarter of the readable file's bytes. The loader
@@ -1661,18 +1674,18 @@ def self_extracting_source(source: bytes) -> bytes:
     )
 
 
-def code_bytes(h: Hyperparameters, log: Logger, write: bool) -> int:
-    """Bytes of the code that would be submitted: this file, or its self-extracting copy
-    (written next to the artifact when `write`)."""
+def counted_code(h: Hyperparameters, log: Logger, write: bool) -> bytes:
+    """The code that would be submitted and counted: this file, or its self-extracting copy
+    without docstrings and comments (written next to the artifact when `write`)."""
     source = Path(__file__).read_bytes()
     if not h.pack_code:
-        return len(source)
-    packed = self_extracting_source(source)
+        return source
+    packed = self_extracting_source(strip_docstrings(source.decode()).encode())
     path = Path(h.artifact_path).with_name("train_gpt.packed.py")
     if write:
         path.write_bytes(packed)
     log(f"code: {len(source):,} bytes readable, {len(packed):,} bytes self-extracting ({path})")
-    return len(packed)
+    return packed
 
 
 class ArtifactTooLarge(RuntimeError):
@@ -1953,7 +1966,9 @@ def run(h: Hyperparameters, rt: Runtime, log: Logger):
     results: dict[str, EvalResult] = {}
     summary: dict = dict(run_id=h.run_id, seed=h.seed, world_size=rt.world_size, torch=torch.__version__, hardware=f"{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'} x{rt.world_size}")
 
-    code = code_bytes(h, log, write=rt.is_main)  # counted against the limit with the weights
+    submitted_code = counted_code(h, log, write=rt.is_main)
+    code = len(submitted_code)  # counted against the limit with the weights
+    summary["code_sha256"] = hashlib.sha256(submitted_code).hexdigest()  # runs of one submission share it
     if not h.eval_only:
         accum = h.accum_steps(rt.world_size)
         local_seqs = h.train_batch_tokens // (rt.world_size * accum * h.train_seq_len)

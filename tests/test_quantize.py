@@ -1,8 +1,11 @@
 """GPTQ + SDClip, calibration Hessians, the artifact's round trip, its size guard and the
 self-extracting code copy."""
 
+import ast
+import io
 import subprocess
 import sys
+import tokenize
 
 import numpy as np
 import pytest
@@ -379,16 +382,18 @@ def test_size_guard():
 
 
 def test_self_extracting_copy_runs_and_equals_the_source(tmp_path):
+    """The submitted copy: the source without docstrings and comments, lzma + base85, behind a
+    loader that serves the source to inspect (Triton's @jit reads its kernels through it)."""
     source = (ROOT / "train_gpt.py").read_bytes()
-    packed = tg.self_extracting_source(source)
-    assert len(packed) < len(source) / 2
+    stripped = tg.strip_docstrings(source.decode()).encode()
+    packed = tg.self_extracting_source(stripped)
+    assert len(packed) < len(source) / 3
     path = tmp_path / "train_gpt.py"
     path.write_bytes(packed)
     probe = (
         "import runpy, sys, lzma, base64;"
         f"g = runpy.run_path({str(path)!r}, run_name='probe');"
         "print(g['ARTIFACT_LIMIT_BYTES'], g['Hyperparameters']().num_layers);"
-        # Triton's @jit reads its kernel's source through inspect: the packed copy must serve it
         "import inspect; print(inspect.getsource(g['rms_norm']).splitlines()[0])"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path)
@@ -396,4 +401,26 @@ def test_self_extracting_copy_runs_and_equals_the_source(tmp_path):
     payload = packed.split(b"b85decode(b'")[1].split(b"')")[0]
     import base64, lzma
 
-    assert lzma.decompress(base64.b85decode(payload)) == source
+    assert lzma.decompress(base64.b85decode(payload)) == stripped
+
+
+class _DropDocstrings(ast.NodeTransformer):
+    """The test's own docstring removal, to compare syntax trees with."""
+
+    def generic_visit(self, node):
+        super().generic_visit(node)
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        return node
+
+
+def test_stripped_program_is_the_original_minus_docstrings_and_comments():
+    source = (ROOT / "train_gpt.py").read_text()
+    stripped = tg.strip_docstrings(source)
+    assert ast.dump(ast.parse(stripped)) == ast.dump(_DropDocstrings().visit(ast.parse(source)))
+    assert ast.dump(ast.parse(stripped)) != ast.dump(ast.parse(source))  # there were docstrings to drop
+    comments = [t for t in tokenize.generate_tokens(io.StringIO(stripped).readline) if t.type == tokenize.COMMENT]
+    assert not comments and "#" in source
+    assert len(stripped) < 0.85 * len(source)

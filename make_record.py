@@ -1,0 +1,200 @@
+"""Builds a leaderboard record folder from the runs of one submission, and says whether it clears
+the challenge's bar: at least 0.005 nats better than the best entry, one-sided p < 0.01.
+
+    python3 make_record.py --runs run1 run2 run3 --code train_gpt.packed.py --out records/my_entry \
+        --best-loss 2.7394 --best-std 0.0007 --best-seeds 3       # or: --best-folder records/best
+
+Each run folder holds the run's submission.json and its log (<run_id>.txt, there or in runs/).
+The folder written: README.md (per-seed table, mean and standard deviation, the test and its
+verdict), submission.json (the runs and their means), the logs, train_gpt.py (the counted code)
+and requirements.txt. It refuses, writing nothing, if a run's artifact is 16,000,000 bytes or
+more, its training or evaluation passed 600 s, the runs' counted code differs, the file given
+as --code is not that code, or the output folder exists and is not empty.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+ARTIFACT_LIMIT_BYTES = 16_000_000
+TIME_LIMIT_SECONDS = 600.0
+REQUIRED_GAIN_NATS = 0.005
+SIGNIFICANCE = 0.01
+EVAL_STAGES = ("load_artifact", "eval_quantized", "eval_sliding", "eval_ttt")  # what a scoring run does after training
+
+
+class RecordRefused(ValueError):
+    pass
+
+
+# --- statistics -----------------------------------------------------------------------------
+
+
+def _incomplete_beta_fraction(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return result
+
+
+def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1) / (a + b + 2):
+        return math.exp(log_front) * _incomplete_beta_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _incomplete_beta_fraction(b, a, 1 - x) / b
+
+
+def student_t_upper_tail(t: float, df: float) -> float:
+    """P(T > t) for Student's t with df degrees of freedom."""
+    half = 0.5 * regularized_incomplete_beta(df / 2, 0.5, df / (df + t * t))
+    return half if t >= 0 else 1.0 - half
+
+
+def welch_one_sided(new: list[float], best_mean: float, best_std: float, best_n: int, gain: float = REQUIRED_GAIN_NATS):
+    """Welch's test of H1: mean(new) < best_mean - gain (losses in nats; lower is better).
+    Returns (t, degrees of freedom, p)."""
+    n = len(new)
+    if n < 2:
+        raise RecordRefused("the test needs at least 2 runs")
+    if best_n < 2 and best_std > 0:
+        raise RecordRefused("a best score with a standard deviation needs at least 2 seeds")
+    var_new, var_best = statistics.variance(new) / n, best_std**2 / best_n
+    se = math.sqrt(var_new + var_best)
+    if se == 0:
+        raise RecordRefused("no spread in either sample: the test is undefined")
+    t = (best_mean - gain - statistics.mean(new)) / se
+    df = (var_new + var_best) ** 2 / (var_new**2 / (n - 1) + (var_best**2 / (best_n - 1) if best_n > 1 else 0.0))
+    return t, df, student_t_upper_tail(t, df)
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+def load_run(folder: Path) -> dict:
+    summary = json.loads((folder / "submission.json").read_text())
+    logs = [p for p in (folder / f"{summary['run_id']}.txt", folder / "runs" / f"{summary['run_id']}.txt") if p.exists()]
+    if not logs:
+        raise RecordRefused(f"{folder}: no log {summary['run_id']}.txt (there or in runs/)")
+    return dict(folder=folder, log=logs[0], **summary)
+
+
+def eval_seconds(run: dict) -> float:
+    return sum(run["stage_seconds"].get(stage, 0.0) for stage in EVAL_STAGES)
+
+
+def check_runs(runs: list[dict], code: bytes):
+    """Every refusal the challenge's rules imply, with the run it concerns."""
+    for r in runs:
+        if r["artifact_bytes"]["total"] >= ARTIFACT_LIMIT_BYTES:
+            raise RecordRefused(f"{r['folder']}: artifact {r['artifact_bytes']['total']:,} bytes, not under {ARTIFACT_LIMIT_BYTES:,}")
+        if r["train_seconds"] > TIME_LIMIT_SECONDS:
+            raise RecordRefused(f"{r['folder']}: training took {r['train_seconds']:.1f}s, over {TIME_LIMIT_SECONDS:.0f}s")
+        if eval_seconds(r) > TIME_LIMIT_SECONDS:
+            raise RecordRefused(f"{r['folder']}: evaluation took {eval_seconds(r):.1f}s, over {TIME_LIMIT_SECONDS:.0f}s")
+    for r in runs:
+        if "code_sha256" not in r:
+            raise RecordRefused(f"{r['folder']}: submission.json has no code_sha256 (written by an older train_gpt.py)")
+    hashes = {r["code_sha256"] for r in runs}
+    if len(hashes) > 1:
+        raise RecordRefused(f"the runs' counted code differs ({len(hashes)} versions)")
+    if hashlib.sha256(code).hexdigest() not in hashes:
+        raise RecordRefused("the file given as --code is not the code the runs counted")
+    if any(r["artifact_bytes"]["code"] != len(code) for r in runs):
+        raise RecordRefused("the runs counted a code size other than the --code file's")
+
+
+def readme(runs: list[dict], best: dict, t: float, df: float, p: float) -> str:
+    losses = [r["val_loss"] for r in runs]
+    bpbs = [r["val_bpb"] for r in runs]
+    stages = [k for k in ("raw", "ema", "quantized", "sliding", "ttt") if all(k in r["val_bpb_stages"] for r in runs)]
+    lines = ["# Record submission", "", "| seed | steps | " + " | ".join(f"{k} bpb" for k in stages) + " | val_loss (nats) | train s | eval s | artifact bytes |", "|" + " --- |" * (len(stages) + 6)]
+    for r in runs:
+        cells = [str(r["seed"]), str(r["steps"])] + [f"{r['val_bpb_stages'][k]:.5f}" for k in stages]
+        cells += [f"{r['val_loss']:.5f}", f"{r['train_seconds']:.1f}", f"{eval_seconds(r):.1f}", f"{r['artifact_bytes']['total']:,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    clears = p < SIGNIFICANCE and statistics.mean(losses) < best["mean"] - REQUIRED_GAIN_NATS
+    lines += [
+        "",
+        f"val_bpb mean {statistics.mean(bpbs):.5f} (std {statistics.stdev(bpbs):.5f}); val_loss mean {statistics.mean(losses):.5f} nats (std {statistics.stdev(losses):.5f}), {len(runs)} seeds.",
+        f"Best entry: val_loss {best['mean']:.5f} nats (std {best['std']:.5f}, {best['n']} seeds). Difference {statistics.mean(losses) - best['mean']:+.5f} nats; the bar is {-REQUIRED_GAIN_NATS:+.3f}.",
+        f"One-sided Welch test of mean < best - {REQUIRED_GAIN_NATS}: t = {t:.3f}, {df:.1f} degrees of freedom, p = {p:.4g}.",
+        "",
+        f"**Verdict: {'clears' if clears else 'does not clear'} the bar** ({'at least' if clears else 'not shown to be'} {REQUIRED_GAIN_NATS} nats better at p < {SIGNIFICANCE}).",
+        "",
+        "Files: `train_gpt.py` (the counted code), `submission.json`, `requirements.txt`, the train logs.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def best_from_folder(folder: Path) -> dict:
+    losses = [r["val_loss"] for r in json.loads((folder / "submission.json").read_text())["runs"]]
+    return dict(mean=statistics.mean(losses), std=statistics.stdev(losses), n=len(losses))
+
+
+def make_record(run_folders: list[Path], code_path: Path, out: Path, best: dict, requirements: Path) -> str:
+    if out.exists() and any(out.iterdir()):
+        raise RecordRefused(f"{out} exists and is not empty")
+    runs = [load_run(f) for f in run_folders]
+    code = code_path.read_bytes()
+    check_runs(runs, code)
+    t, df, p = welch_one_sided([r["val_loss"] for r in runs], best["mean"], best["std"], best["n"])
+    text = readme(runs, best, t, df, p)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "README.md").write_text(text)
+    (out / "train_gpt.py").write_bytes(code)
+    shutil.copy(requirements, out / "requirements.txt")
+    for r in runs:
+        shutil.copy(r["log"], out / f"train_seed{r['seed']}.txt")
+    fields = ("run_id", "seed", "steps", "val_bpb", "val_loss", "val_bpb_stages", "train_seconds", "stage_seconds", "artifact_bytes", "code_sha256", "hardware", "torch")
+    summary = dict(
+        val_bpb=statistics.mean(r["val_bpb"] for r in runs),
+        val_loss=statistics.mean(r["val_loss"] for r in runs),
+        seeds=[r["seed"] for r in runs],
+        welch=dict(t=t, df=df, p=p, best=best, required_gain_nats=REQUIRED_GAIN_NATS),
+        runs=[{k: r[k] for k in fields if k in r} for r in runs],
+    )
+    (out / "submission.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return text
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (submission.json + log)")
+    ap.add_argument("--code", type=Path, default=Path("train_gpt.packed.py"), help="the counted code file the runs wrote")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--best-loss", type=float, help="the best entry's mean val_loss in nats")
+    ap.add_argument("--best-std", type=float)
+    ap.add_argument("--best-seeds", type=int)
+    ap.add_argument("--best-folder", type=Path, help="instead: a record folder written by this tool")
+    ap.add_argument("--requirements", type=Path, default=Path(__file__).with_name("requirements.txt"))
+    args = ap.parse_args()
+    if args.best_folder:
+        best = best_from_folder(args.best_folder)
+    elif None not in (args.best_loss, args.best_std, args.best_seeds):
+        best = dict(mean=args.best_loss, std=args.best_std, n=args.best_seeds)
+    else:
+        ap.error("give --best-loss, --best-std and --best-seeds, or --best-folder")
+    try:
+        print(make_record(args.runs, args.code, args.out, best, args.requirements))
+    except RecordRefused as err:
+        raise SystemExit(f"make_record.py: refused: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""make_record.py: the statistics against closed forms and a hand computation, the folder it
+writes from synthetic runs, and every refusal."""
+
+import hashlib
+import json
+import math
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+import make_record as mr  # noqa: E402
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 2.5, 7.0, -1.2])
+def test_student_t_tail_matches_closed_forms(t):
+    assert mr.student_t_upper_tail(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-12)  # Cauchy
+    assert mr.student_t_upper_tail(t, 2) == pytest.approx(0.5 * (1 - t / math.sqrt(t * t + 2)), abs=1e-12)
+
+
+@pytest.mark.parametrize("t, df, tail", [(2.228, 10, 0.025), (3.747, 4, 0.01), (2.015, 5, 0.05), (1.96, 1e6, 0.025)])
+def test_student_t_tail_matches_tables(t, df, tail):
+    assert mr.student_t_upper_tail(t, df) == pytest.approx(tail, abs=2e-4)
+
+
+def test_welch_by_hand():
+    """new 1.0, 1.2, 1.1: mean 1.1, s^2/n = 0.01/3; best 1.5, std 0.1, 3 seeds: s^2/n = 0.01/3.
+    t = (1.5 - 0.005 - 1.1) / sqrt(0.02/3) = 4.8377; df = (0.02/3)^2 / (2 (0.01/3)^2 / 2) = 4."""
+    t, df, p = mr.welch_one_sided([1.0, 1.2, 1.1], 1.5, 0.1, 3)
+    assert t == pytest.approx(0.395 / math.sqrt(0.02 / 3), rel=1e-9)
+    assert df == pytest.approx(4.0, rel=1e-9)
+    # df = 4: P(T > t) = 1/2 - (3/8) u (1 - u^2/3) with u = t / sqrt(t^2 + 4) ... written as the exact CDF
+    u = t / math.sqrt(t * t + 4)
+    assert p == pytest.approx(0.5 - 0.5 * u * (1.5 - 0.5 * u * u), abs=1e-10)
+    with pytest.raises(mr.RecordRefused, match="at least 2 runs"):
+        mr.welch_one_sided([1.0], 1.5, 0.1, 3)
+
+
+CODE = b"print('the counted code')\n"
+
+
+def _run(folder, seed, loss, **changes):
+    folder.mkdir(parents=True)
+    summary = dict(
+        run_id=f"run{seed}", seed=seed, steps=4500, val_bpb=loss / 2.58, val_loss=loss,
+        val_bpb_stages=dict(raw=1.09, ema=1.088, quantized=1.097, sliding=1.089, ttt=loss / 2.58),
+        train_seconds=598.0, stage_seconds=dict(load_artifact=6.0, eval_quantized=3.0, eval_sliding=80.0, eval_ttt=300.0),
+        artifact_bytes=dict(weights=15_960_000, code=len(CODE), total=15_960_000 + len(CODE)),
+        code_sha256=hashlib.sha256(CODE).hexdigest(), hardware="NVIDIA H100 80GB HBM3 x8", torch="2.11",
+    )
+    for key, value in changes.items():
+        target = summary
+        *path, last = key.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    (folder / "submission.json").write_text(json.dumps(summary))
+    (folder / "runs").mkdir()
+    (folder / "runs" / f"run{seed}.txt").write_text(f"log of seed {seed}\n")
+    return folder
+
+
+@pytest.fixture
+def three_runs(tmp_path):
+    code = tmp_path / "train_gpt.packed.py"
+    code.write_bytes(CODE)
+    runs = [_run(tmp_path / f"s{s}", s, loss) for s, loss in ((1, 2.7200), (2, 2.7210), (3, 2.7190))]
+    return tmp_path, runs, code
+
+
+BEST = dict(mean=2.7394, std=0.0007, n=3)
+
+
+def test_record_folder_from_synthetic_runs(three_runs):
+    tmp_path, runs, code = three_runs
+    out = tmp_path / "record"
+    text = mr.make_record(runs, code, out, BEST, ROOT / "requirements.txt")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "requirements.txt", "submission.json", "train_gpt.py", "train_seed1.txt", "train_seed2.txt", "train_seed3.txt"]
+    assert (out / "train_gpt.py").read_bytes() == CODE
+    assert (out / "train_seed2.txt").read_text() == "log of seed 2\n"
+    summary = json.loads((out / "submission.json").read_text())
+    assert summary["val_loss"] == pytest.approx(2.72) and summary["seeds"] == [1, 2, 3]
+    t, df, p = mr.welch_one_sided([2.72, 2.721, 2.719], 2.7394, 0.0007, 3)
+    assert summary["welch"]["p"] == pytest.approx(p) and p < 0.01
+    assert "| 2 | 4500 |" in text and "val_loss mean 2.72000 nats (std 0.00100)" in text
+    assert "eval s" in text and "| 389.0 |" in text  # load + quantized + sliding + TTT
+    assert "**Verdict: clears the bar**" in text
+
+
+def test_record_that_misses_the_bar_says_so(three_runs):
+    tmp_path, runs, code = three_runs
+    text = mr.make_record(runs, code, tmp_path / "record", dict(mean=2.7230, std=0.0007, n=3), ROOT / "requirements.txt")
+    assert "**Verdict: does not clear the bar**" in text  # 0.003 better: less than 0.005
+
+
+def test_best_score_from_another_record_folder(three_runs):
+    tmp_path, runs, code = three_runs
+    mr.make_record(runs, code, tmp_path / "best", BEST, ROOT / "requirements.txt")
+    assert mr.best_from_folder(tmp_path / "best") == pytest.approx(dict(mean=2.72, std=0.001, n=3))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"artifact_bytes.total": 16_000_000}, "artifact 16,000,000 bytes, not under 16,000,000"),
+        ({"train_seconds": 600.5}, "training took 600.5s, over 600s"),
+        ({"stage_seconds.eval_ttt": 520.0}, "evaluation took 609.0s, over 600s"),
+        ({"code_sha256": "0" * 64}, "the runs' counted code differs"),
+        ({"artifact_bytes.code": 5}, "counted a code size other than the --code file's"),
+    ],
+)
+def test_refusals_write_nothing(three_runs, changes, message):
+    tmp_path, runs, code = three_runs
+    bad = _run(tmp_path / "bad", 4, 2.7205, **changes)
+    out = tmp_path / "record"
+    with pytest.raises(mr.RecordRefused, match=message):
+        mr.make_record(runs + [bad], code, out, BEST, ROOT / "requirements.txt")
+    assert not out.exists()
+
+
+def test_refuses_code_that_is_not_the_counted_file_and_a_used_folder(three_runs):
+    tmp_path, runs, code = three_runs
+    other = tmp_path / "other.py"
+    other.write_bytes(CODE + b"# edited after the runs\n")
+    with pytest.raises(mr.RecordRefused, match="not the code the runs counted"):
+        mr.make_record(runs, other, tmp_path / "record", BEST, ROOT / "requirements.txt")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "x").write_text("x")
+    with pytest.raises(mr.RecordRefused, match="exists and is not empty"):
+        mr.make_record(runs, code, used, BEST, ROOT / "requirements.txt")

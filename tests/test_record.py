@@ -95,6 +95,15 @@ def test_record_that_misses_the_bar_says_so(three_runs):
     assert "**Verdict: does not clear the bar**" in text  # 0.003 better: less than 0.005
 
 
+def test_large_but_noisy_gain_does_not_clear_the_bar(tmp_path):
+    """Mean 0.019 nats better, but seeds 0.02 apart: p ~ 0.17, not < 0.01."""
+    code = tmp_path / "train_gpt.packed.py"
+    code.write_bytes(CODE)
+    runs = [_run(tmp_path / f"s{s}", s, loss) for s, loss in ((1, 2.70), (2, 2.74), (3, 2.72))]
+    text = mr.make_record(runs, code, tmp_path / "record", BEST, ROOT / "requirements.txt")
+    assert "Difference -0.01940 nats" in text and "**Verdict: does not clear the bar**" in text
+
+
 def test_best_score_from_another_record_folder(three_runs):
     tmp_path, runs, code = three_runs
     mr.make_record(runs, code, tmp_path / "best", BEST, ROOT / "requirements.txt")

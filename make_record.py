@@ -87,6 +87,8 @@ def welch_one_sided(new: list[float], best_mean: float, best_std: float, best_n:
 
 
 def load_run(folder: Path) -> dict:
+    if not (folder / "submission.json").is_file():
+        raise RecordRefused(f"{folder}: no submission.json (did the run finish?)")
     summary = json.loads((folder / "submission.json").read_text())
     logs = [p for p in (folder / f"{summary['run_id']}.txt", folder / "runs" / f"{summary['run_id']}.txt") if p.exists()]
     if not logs:
@@ -132,7 +134,7 @@ def readme(runs: list[dict], best: dict, t: float, df: float, p: float) -> str:
     lines += [
         "",
         f"val_bpb mean {statistics.mean(bpbs):.5f} (std {statistics.stdev(bpbs):.5f}); val_loss mean {statistics.mean(losses):.5f} nats (std {statistics.stdev(losses):.5f}), {len(runs)} seeds.",
-        f"Best entry: val_loss {best['mean']:.5f} nats (std {best['std']:.5f}, {best['n']} seeds). Difference {statistics.mean(losses) - best['mean']:+.5f} nats; the bar is {-REQUIRED_GAIN_NATS:+.3f}.",
+        f"Best entry: val_loss {best['mean']:.5f} nats (std {best['std']:.5f}, {best['n']} seed{'s' if best['n'] != 1 else ''}). Difference {statistics.mean(losses) - best['mean']:+.5f} nats; the bar is {-REQUIRED_GAIN_NATS:+.3f}.",
         f"One-sided Welch test of mean < best - {REQUIRED_GAIN_NATS}: t = {t:.3f}, {df:.1f} degrees of freedom, p = {p:.4g}.",
         "",
         f"**Verdict: {'clears' if clears else 'does not clear'} the bar** ({'at least' if clears else 'not shown to be'} {REQUIRED_GAIN_NATS} nats better at p < {SIGNIFICANCE}).",

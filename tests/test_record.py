@@ -135,6 +135,10 @@ def test_refuses_code_that_is_not_the_counted_file_and_a_used_folder(three_runs)
     other.write_bytes(CODE + b"# edited after the runs\n")
     with pytest.raises(mr.RecordRefused, match="not the code the runs counted"):
         mr.make_record(runs, other, tmp_path / "record", BEST, ROOT / "requirements.txt")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    with pytest.raises(mr.RecordRefused, match="unfinished: no submission.json"):
+        mr.make_record(runs + [unfinished], code, tmp_path / "record", BEST, ROOT / "requirements.txt")
     used = tmp_path / "used"
     used.mkdir()
     (used / "x").write_text("x")

@@ -1,5 +1,6 @@
 """The real script, end to end, on a tiny corpus and a tiny model (CPU, no compile)."""
 
+import hashlib
 import json
 import os
 import re
@@ -60,6 +61,7 @@ def test_submission_json(smoke_run):
     assert sizes["total"] == sizes["weights"] + sizes["code"] < 16_000_000
     assert sizes["weights"] == (cwd / "final_model.pgq").stat().st_size
     assert sizes["code"] == (cwd / "train_gpt.packed.py").stat().st_size
+    assert summary["code_sha256"] == hashlib.sha256((cwd / "train_gpt.packed.py").read_bytes()).hexdigest()
     assert summary["torch"] and summary["hardware"] and summary["eval_seconds"]["ttt"] > 0
 
 

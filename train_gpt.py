@@ -382,7 +382,7 @@ def find_shards(h: Hyperparameters, split: str) -> list[Path]:
     directory = dataset_dir(h)
     if not directory.is_dir():
         raise FileNotFoundError(f"dataset directory {directory} not found (DATA_DIR={h.data_dir!r}, VOCAB_SIZE={h.vocab_size}); {download_hint(h)}")
-    files = sorted(directory.glob(f"fineweb_{split}_*.bin"))
+    files = sorted(directory.glob(f"fineweb_{split}_[0-9]*.bin"))  # not the fineweb_val_bytes_* sidecars
     if not files:
         raise FileNotFoundError(f"no {directory}/fineweb_{split}_*.bin shards found")
     return files
@@ -507,6 +507,38 @@ def build_byte_tables(sp) -> ByteTables:
             space[i] = piece.startswith("\u2581")
             base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
     return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+def sidecar_path(val_shard: Path) -> Path:
+    """fineweb_val_NNNNNN.bin -> fineweb_val_bytes_NNNNNN.bin (CaseOps exports)."""
+    return val_shard.with_name(val_shard.name.replace("fineweb_val_", "fineweb_val_bytes_", 1))
+
+
+def load_validation_byte_sidecars(files: list[Path], num_tokens: int) -> torch.Tensor | None:
+    """Per validation token, the UTF-8 bytes of the original text it covers, from the byte
+    sidecars beside the validation shards (a CaseOps export, whose pieces do not spell the
+    original text), cut like the tokens; None where no shard has one."""
+    sidecars = [sidecar_path(f) for f in files]
+    present = [p.exists() for p in sidecars]
+    if not any(present):
+        return None
+    if not all(present):
+        raise FileNotFoundError(f"{sidecars[present.index(False)]} missing: byte sidecars exist for some validation shards but not all")
+    counts = []
+    for f, sidecar in zip(files, sidecars):
+        c = np.asarray(read_shard(sidecar))
+        if len(c) != len(read_shard(f)):
+            raise ValueError(f"{sidecar}: {len(c)} byte counts for the {len(read_shard(f))} tokens of {f}")
+        counts.append(c)
+    return torch.from_numpy(np.concatenate(counts)[:num_tokens].astype(np.int64))
+
+
+def validation_target_bytes(tokens: torch.Tensor, tables: ByteTables, sidecar: torch.Tensor | None = None) -> torch.Tensor:
+    """Bytes of the original text behind every target (target k is token k+1): from the byte
+    sidecar where there is one, else from the tokenizer's tables. val_bpb divides by their sum."""
+    if sidecar is not None:
+        return sidecar[1 : len(tokens)]
+    return tables.target_bytes(tokens[:-1], tokens[1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1785,7 +1817,7 @@ class _Accumulator:
 
 
 @torch.no_grad()
-def _score_windows(model, tokens, windows, seq_len, batch_seqs, tables, acc, device):
+def _score_windows(model, tokens, windows, seq_len, batch_seqs, target_bytes, acc, device):
     """Scores a list of windows (all with the same `scored` count) in fixed-size batches."""
     if not windows:
         return
@@ -1801,7 +1833,7 @@ def _score_windows(model, tokens, windows, seq_len, batch_seqs, tables, acc, dev
         with autocast(device):
             hidden = model.hidden_states(x)[:, -scored:]
             nll = model.token_nll(hidden, y[:, -scored:]).double()[:real]
-        nbytes = tables.target_bytes(x[:real, -scored:], y[:real, -scored:]).double()
+        nbytes = target_bytes[starts[:real, None] + offsets[seq_len - scored : seq_len]].double()
         acc.nll += nll.sum()
         acc.bytes += nbytes.sum()
         acc.count += nll.numel()
@@ -1811,7 +1843,7 @@ def _score_windows(model, tokens, windows, seq_len, batch_seqs, tables, acc, dev
                 acc.token_nll[first : first + scored] = nll[row].cpu()
 
 
-def evaluate(model, tokens, tables, seq_len, stride, batch_seqs, rt, ttt: TTTConfig | None = None, return_token_nll=False, trace=None) -> EvalResult:
+def evaluate(model, tokens, target_bytes, seq_len, stride, batch_seqs, rt, ttt: TTTConfig | None = None, return_token_nll=False, trace=None) -> EvalResult:
     """Scores every validation target exactly once, from its prefix only.
 
     stride None: non-overlapping windows. With a stride: sliding windows. With ttt, windows are
@@ -1829,14 +1861,14 @@ def evaluate(model, tokens, tables, seq_len, stride, batch_seqs, rt, ttt: TTTCon
     for start, scored in windows:
         per_chunk[(start + seq_len - scored) // chunk].append((start, scored))
     acc = _Accumulator(rt.device, num_targets if return_token_nll else None)
-    tokens, tables = tokens.to(rt.device), tables.to(rt.device)
+    tokens, target_bytes = tokens.to(rt.device), target_bytes.to(rt.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum) if ttt else None
     chunk_seconds, train_steps = [], 0
     for c, chunk_windows in enumerate(per_chunk):
         t_chunk = time.perf_counter()
         mine = chunk_windows[len(chunk_windows) * rt.rank // rt.world_size : len(chunk_windows) * (rt.rank + 1) // rt.world_size]
         for scored in sorted({s for _, s in mine}, reverse=True):
-            _score_windows(model, tokens, [w for w in mine if w[1] == scored], seq_len, batch_seqs, tables, acc, rt.device)
+            _score_windows(model, tokens, [w for w in mine if w[1] == scored], seq_len, batch_seqs, target_bytes, acc, rt.device)
         if trace is not None:
             trace.append(("score", c * chunk, min((c + 1) * chunk, num_targets)))
         synchronize(rt.device)
@@ -1913,14 +1945,14 @@ def load_artifact_model(h: Hyperparameters, rt: Runtime, log: Logger) -> tuple[G
     return model, len(data)
 
 
-def run_evaluations(model, val_tokens, tables, h, rt, log, timer, results: dict):
+def run_evaluations(model, val_tokens, target_bytes, h, rt, log, timer, results: dict):
     """Quantized (plain), sliding-window and score-first TTT evaluation of the loaded artifact."""
     stages = [("quantized", None, None), ("sliding", h.eval_stride, None)]
     if h.ttt_enabled:
         stages.append(("ttt", h.eval_stride, TTTConfig(h.ttt_chunk_tokens, h.ttt_lr, h.ttt_momentum, h.ttt_epochs, h.ttt_batch_seqs, h.ttt_grad_clip)))
     for name, stride, ttt in stages:
         with timer(f"eval_{name}"):
-            r = evaluate(model, val_tokens, tables, h.eval_seq_len, stride, h.eval_batch_seqs, rt, ttt)
+            r = evaluate(model, val_tokens, target_bytes, h.eval_seq_len, stride, h.eval_batch_seqs, rt, ttt)
         results[name] = r
         log(f"eval {name}: val_loss {r.loss:.5f} val_bpb {r.bpb:.5f} ({r.tokens:,} tokens, {r.byte_sum:,.0f} bytes, {r.seconds:.1f}s, {r.tokens / r.seconds:,.0f} tok/s)")
         if len(r.chunk_seconds) > 2:  # steady state: leave out the first chunk (compiles) and the last (partial)
@@ -1959,10 +1991,12 @@ def run(h: Hyperparameters, rt: Runtime, log: Logger):
     with timer("load_data"):
         check_data_dir(h)
         sp = load_tokenizer(tokenizer_path(h), h.vocab_size)
-        tables = build_byte_tables(sp)
-        val_tokens = load_validation_tokens(find_shards(h, "val"), h.eval_seq_len, h.vocab_size)
+        val_files = find_shards(h, "val")
+        val_tokens = load_validation_tokens(val_files, h.eval_seq_len, h.vocab_size)
+        sidecar = load_validation_byte_sidecars(val_files, len(val_tokens))
+        target_bytes = validation_target_bytes(val_tokens, build_byte_tables(sp), sidecar)
         train_files = [] if h.eval_only else find_shards(h, "train")
-    log(f"data: {len(train_files)} train shards, {len(val_tokens) - 1:,} validation targets, {int(tables.target_bytes(val_tokens[:-1], val_tokens[1:]).sum()):,} validation bytes")
+    log(f"data: {len(train_files)} train shards, {len(val_tokens) - 1:,} validation targets, {int(target_bytes.sum()):,} validation bytes (from {'the byte sidecars' if sidecar is not None else 'the tokenizer'})")
     results: dict[str, EvalResult] = {}
     summary: dict = dict(run_id=h.run_id, seed=h.seed, world_size=rt.world_size, torch=torch.__version__, hardware=f"{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'} x{rt.world_size}")
 
@@ -1996,7 +2030,7 @@ def run(h: Hyperparameters, rt: Runtime, log: Logger):
         for label, weights in (("raw", raw_weights), ("ema", ema.shadow)):  # the EMA weights stay loaded
             torch._foreach_copy_([p.detach() for p in model.parameters()], weights)
             with timer(f"eval_{label}"):
-                r = evaluate(model, val_tokens, tables, h.eval_seq_len, None, h.eval_batch_seqs, rt)
+                r = evaluate(model, val_tokens, target_bytes, h.eval_seq_len, None, h.eval_batch_seqs, rt)
             results[label] = r
             log(f"eval {label}: val_loss {r.loss:.5f} val_bpb {r.bpb:.5f}")
         if h.checkpoint_path and rt.is_main:  # the unquantized final weights, for quantization studies
@@ -2016,7 +2050,7 @@ def run(h: Hyperparameters, rt: Runtime, log: Logger):
 
     with timer("load_artifact"):
         model, _ = load_artifact_model(h, rt, log)
-    run_evaluations(model, val_tokens, tables, h, rt, log, timer, results)
+    run_evaluations(model, val_tokens, target_bytes, h, rt, log, timer, results)
     if "ema" in results:
         log(f"quantization gap: {results['quantized'].bpb - results['ema'].bpb:+.5f} bpb (quantized - EMA)")
     final = results["ttt" if "ttt" in results else "sliding"]

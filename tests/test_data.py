@@ -199,3 +199,49 @@ def test_byte_total_equals_utf8_length_of_decoded_documents(tiny_data):
     counted = int(tables.target_bytes(tokens[:-1], tokens[1:]).sum())
     independent = sum(len(sp.decode(sp.encode(d)).encode("utf-8")) for d in docs)
     assert counted == independent
+
+
+# --- byte sidecars (CaseOps exports) --------------------------------------------------------
+
+
+def _val_dir_with_sidecars(tmp_path, tokens, counts):
+    tg.write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    if counts is not None:
+        tg.write_shard(tmp_path / "fineweb_val_bytes_000000.bin", counts)
+    return [tmp_path / "fineweb_val_000000.bin"]
+
+
+def test_byte_sidecar_gives_the_bytes_of_every_target(tmp_path):
+    tokens = np.arange(20, dtype=np.uint16)
+    counts = (np.arange(20) % 4).astype(np.uint16)  # e.g. 0 for an operator or BOS
+    files = _val_dir_with_sidecars(tmp_path, tokens, counts)
+    val = tg.load_validation_tokens(files, seq_len=8, vocab_size=100)  # 17 tokens: 16 targets
+    sidecar = tg.load_validation_byte_sidecars(files, len(val))
+    target_bytes = tg.validation_target_bytes(val, None, sidecar)
+    assert target_bytes.tolist() == (np.arange(1, 17) % 4).tolist()  # target k covers token k+1
+
+
+def test_val_shards_glob_leaves_the_sidecars_out(tmp_path):
+    ds = tmp_path / "datasets" / "fineweb10B_sp320"
+    ds.mkdir(parents=True)
+    _val_dir_with_sidecars(ds, np.arange(20, dtype=np.uint16), np.ones(20, dtype=np.uint16))
+    assert [f.name for f in tg.find_shards(tiny_hyperparameters(data_dir=str(tmp_path)), "val")] == ["fineweb_val_000000.bin"]
+
+
+def test_no_sidecar_means_the_tokenizer_counts(tiny_data):
+    root, sp = tiny_data
+    h = tiny_hyperparameters(data_dir=str(root))
+    files = tg.find_shards(h, "val")
+    val = tg.load_validation_tokens(files, 32, h.vocab_size)
+    assert tg.load_validation_byte_sidecars(files, len(val)) is None
+    tables = tg.build_byte_tables(sp)
+    assert torch.equal(tg.validation_target_bytes(val, tables), tables.target_bytes(val[:-1], val[1:]))
+
+
+def test_sidecar_of_the_wrong_length_or_missing_is_a_clear_error(tmp_path):
+    files = _val_dir_with_sidecars(tmp_path, np.arange(20, dtype=np.uint16), np.ones(19, dtype=np.uint16))
+    with pytest.raises(ValueError, match=r"fineweb_val_bytes_000000.bin: 19 byte counts for the 20 tokens of .*fineweb_val_000000.bin"):
+        tg.load_validation_byte_sidecars(files, 17)
+    tg.write_shard(tmp_path / "fineweb_val_000001.bin", np.arange(20, dtype=np.uint16))
+    with pytest.raises(FileNotFoundError, match="fineweb_val_bytes_000001.bin missing"):
+        tg.load_validation_byte_sidecars(files + [tmp_path / "fineweb_val_000001.bin"], 17)

@@ -38,7 +38,7 @@ def _stream(tiny_data, windows=20):
 
 
 def _evaluate(model, tokens, tables, mode, rt, **kw):
-    return tg.evaluate(model, tokens, tables, SEQ, MODES[mode]["stride"], 4, rt, MODES[mode]["ttt"], **kw)
+    return tg.evaluate(model, tokens, tg.validation_target_bytes(tokens, tables), SEQ, MODES[mode]["stride"], 4, rt, MODES[mode]["ttt"], **kw)
 
 
 def test_window_plans_cover_every_target_once():
@@ -112,7 +112,7 @@ def test_ttt_with_zero_epochs_equals_sliding_exactly(tiny_data, cpu_runtime):
     tokens, tables = _stream(tiny_data)
     sliding = _evaluate(_model(), tokens, tables, "sliding", cpu_runtime)
     cfg = tg.TTTConfig(chunk_tokens=CHUNK, lr=0.05, momentum=0.9, epochs=0, batch_seqs=2, grad_clip=1.0)
-    ttt = tg.evaluate(_model(), tokens, tables, SEQ, STRIDE, 4, cpu_runtime, cfg)
+    ttt = tg.evaluate(_model(), tokens, tg.validation_target_bytes(tokens, tables), SEQ, STRIDE, 4, cpu_runtime, cfg)
     assert (ttt.nll_sum, ttt.byte_sum, ttt.tokens) == (sliding.nll_sum, sliding.byte_sum, sliding.tokens)
 
 
@@ -139,3 +139,16 @@ def test_two_ranks_give_the_same_totals(tiny_data, cpu_runtime, mode):
     for nll, nbytes, count in run_distributed(_evaluate_on_rank, 2, mode, tokens, tables):
         assert count == single.tokens and nbytes == single.byte_sum
         assert nll == pytest.approx(single.nll_sum, rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["plain", "sliding"])
+def test_bpb_from_a_byte_sidecar_equals_bpb_from_the_tokenizer_counts(tiny_data, cpu_runtime, mode):
+    """A sidecar holding each token's bytes (what a CaseOps export writes) gives the same total as
+    the tokenizer's tables, window by window."""
+    tokens, tables = _stream(tiny_data)
+    per_token = torch.cat([torch.zeros(1, dtype=torch.long), tables.target_bytes(tokens[:-1], tokens[1:])])
+    from_tables = _evaluate(_model(), tokens, tables, mode, cpu_runtime)
+    from_sidecar = tg.evaluate(_model(), tokens, tg.validation_target_bytes(tokens, None, per_token), SEQ, MODES[mode]["stride"], 4, cpu_runtime)
+    assert from_sidecar.byte_sum == from_tables.byte_sum and from_sidecar.bpb == from_tables.bpb
+    shifted = tg.evaluate(_model(), tokens, tg.validation_target_bytes(tokens, None, per_token.roll(1)), SEQ, MODES[mode]["stride"], 4, cpu_runtime)
+    assert shifted.byte_sum != from_tables.byte_sum  # the counts really come from the sidecar

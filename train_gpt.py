@@ -484,9 +484,6 @@ class ByteTables:
     leading_space: torch.Tensor  # bool [V]
     is_boundary: torch.Tensor  # bool [V]
 
-    def to(self, device) -> "ByteTables":
-        return ByteTables(*(t.to(device) for t in (self.base_bytes, self.leading_space, self.is_boundary)))
-
     def target_bytes(self, prev_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         """Bytes of each target token in the original text: its piece bytes, plus one for a
         leading space unless it follows a boundary token (where the space was not in the text)."""
@@ -526,9 +523,9 @@ def load_validation_byte_sidecars(files: list[Path], num_tokens: int) -> torch.T
         raise FileNotFoundError(f"{sidecars[present.index(False)]} missing: byte sidecars exist for some validation shards but not all")
     counts = []
     for f, sidecar in zip(files, sidecars):
-        c = np.asarray(read_shard(sidecar))
-        if len(c) != len(read_shard(f)):
-            raise ValueError(f"{sidecar}: {len(c)} byte counts for the {len(read_shard(f))} tokens of {f}")
+        c, num_shard_tokens = np.asarray(read_shard(sidecar)), len(read_shard(f))
+        if len(c) != num_shard_tokens:
+            raise ValueError(f"{sidecar}: {len(c)} byte counts for the {num_shard_tokens} tokens of {f}")
         counts.append(c)
     return torch.from_numpy(np.concatenate(counts)[:num_tokens].astype(np.int64))
 

@@ -72,10 +72,11 @@ def load(out: Path, name: str, seed: int) -> dict | None:
 
 def report(out: Path, variants: list[str], seeds: list[int]) -> str:
     base = variants[0]
+    results = {(name, s): load(out, name, s) for name in variants for s in seeds}
     lines = [f"A/B, baseline {base!r}; B - A in val_bpb (negative: B better); seeds {seeds}"]
     for name in variants:
-        runs = {s: load(out, name, s) for s in seeds}
-        for s, r in runs.items():
+        for s in seeds:
+            r = results[name, s]
             if r is None:
                 lines.append(f"  {name} seed {s}: no result")
             else:
@@ -87,7 +88,7 @@ def report(out: Path, variants: list[str], seeds: list[int]) -> str:
         for k in STAGES:
             diffs = []
             for s in seeds:
-                a, b = load(out, base, s), load(out, name, s)
+                a, b = results[base, s], results[name, s]
                 if a and b and k in a["val_bpb_stages"] and k in b["val_bpb_stages"]:
                     diffs.append(b["val_bpb_stages"][k] - a["val_bpb_stages"][k])
             if diffs:
@@ -96,7 +97,7 @@ def report(out: Path, variants: list[str], seeds: list[int]) -> str:
         for phase in ("before_looping", "looping"):
             ratios = []
             for s in seeds:
-                a, b = load(out, base, s), load(out, name, s)
+                a, b = results[base, s], results[name, s]
                 if a and b and phase in a.get("train_tokens_per_second", {}) and phase in b.get("train_tokens_per_second", {}):
                     ratios.append(b["train_tokens_per_second"][phase] / a["train_tokens_per_second"][phase] - 1)
             if ratios:

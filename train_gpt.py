@@ -109,9 +109,12 @@ class Hyperparameters:
     smear_gate: bool = _param(True)  # mix each token's embedding with the previous one's (not across BOS)
     attn_gate: bool = _param(False)  # per-head sigmoid gate on the attention output from 12 input dims
     attn_gate_scale: float = _param(1.0, lo=0)
+    lanes_from_layer: int = _param(0, lo=0)  # blocks from this one on keep two residual lanes (attention / MLP); 0: one stream
+    simctg_weight: float = _param(0.0, lo=0)  # weight of the SimCTG contrastive term in the training loss; 0: off
+    simctg_margin: float = _param(0.4, lo=0, hi=1)
     # optimizer
-    muon_lr: float = _param(0.022, lo=0)
-    muon_momentum: float = _param(0.99, lo=0, hi=0.9999)
+    muon_lr: float = _param(0.026, lo=0)
+    muon_momentum: float = _param(0.97, lo=0, hi=0.9999)
     muon_momentum_start: float = _param(0.92, lo=0, hi=0.9999)
     muon_momentum_warmup_steps: int = _param(1500, lo=0)
     muon_wd: float = _param(0.095, lo=0)
@@ -126,7 +129,7 @@ class Hyperparameters:
     adam_eps: float = _param(1e-8, lo=0, lo_open=True)
     grad_clip_norm: float = _param(0.3, lo=0)  # 0 disables clipping
     warmdown_frac: float = _param(0.72, lo=0, hi=1)
-    min_lr_frac: float = _param(0.0, lo=0, hi=1)  # floor of the LR multiplier during warmdown
+    min_lr_frac: float = _param(0.10, lo=0, hi=1)  # floor of the LR multiplier during warmdown
     ema_decay: float = _param(0.9965, lo=0, hi=1)
     ema_power: float = _param(15.0, lo=0)  # early on the EMA averages iterates with weights ~ step^power
     # quantization and artifact
@@ -140,6 +143,8 @@ class Hyperparameters:
     embed_bits: int = _param(8, lo=2, hi=8)
     embed_clip_k: float = _param(20.0, lo=0, lo_open=True)
     passthrough_max_numel: int = _param(65536, lo=0)
+    lqer_rank: int = _param(0, lo=0)  # rank of the LQER correction of the worst-quantized matrices; 0: off
+    lqer_matrices: int = _param(3, lo=1)  # how many matrices (largest quantization error) get one
     compressor: str = _param("brotli", choices=("brotli", "zstd", "lzma"))  # for the fp16 remainder
     compress_level: int = _param(11, lo=0, hi=22)  # brotli 0-11, zstd 1-22, lzma 0-9
     artifact_target_bytes: int = _param(15_990_000, lo=0)  # all steps scaled so weights + code come to about this; 0: no scaling
@@ -196,6 +201,8 @@ class Hyperparameters:
         need(self.rope_dims % 2 == 0 and self.rope_dims <= head_dim, f"ROPE_DIMS={self.rope_dims}: must be even and <= head dim {head_dim}")
         need(self.loop_start <= self.loop_end < self.num_layers, f"LOOP_START={self.loop_start}, LOOP_END={self.loop_end}: need LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
         need(self.parallel_from_layer <= self.num_layers, f"PARALLEL_FROM_LAYER={self.parallel_from_layer}: must be <= NUM_LAYERS={self.num_layers}")
+        first_lane_layer = max(self.loop_end + 1, self.num_layers // 2)  # after the loop and in the decoder half, so no U-Net skip carries two lanes
+        need(self.lanes_from_layer == 0 or first_lane_layer <= self.lanes_from_layer < self.num_layers, f"LANES_FROM_LAYER={self.lanes_from_layer}: must be 0 (off) or in [{first_lane_layer}, NUM_LAYERS={self.num_layers})")
         need(self.artifact_target_bytes < ARTIFACT_LIMIT_BYTES, f"ARTIFACT_TARGET_BYTES={self.artifact_target_bytes}: must be < the {ARTIFACT_LIMIT_BYTES:,}-byte limit")
         need(self.gptq_reserve_seconds < self.max_wallclock_seconds, f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds}: must be < MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         accum = self.accum_steps(world_size)
@@ -656,7 +663,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm block with a learned mix of the residual stream and the block-0 input,
     per-channel branch scales and a layerwise norm scale 1/sqrt(layer+1). From
-    parallel_from_layer on, attention and MLP read the same input (GPT-J style)."""
+    parallel_from_layer on, attention and MLP read the same input (GPT-J style).
+
+    From lanes_from_layer on (if set), the block keeps two residual lanes: attention reads
+    lane 0 (mixed with x0 as above), the MLP reads lane 1, and each lane adds both outputs with
+    its own weights, lane_k' = r_k lane_k + p_k,attn attn + p_k,mlp mlp (r = 1.1, p = 1 at init)."""
 
     def __init__(self, h: Hyperparameters, layer: int):
         super().__init__()
@@ -665,14 +676,21 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(h.model_dim), torch.zeros(h.model_dim)]))
         self.parallel = layer >= h.parallel_from_layer
+        self.two_lane = 0 < h.lanes_from_layer <= layer
+        self.lane_mix = nn.Parameter(torch.tensor([[1.1, 1.0, 1.0], [1.1, 1.0, 1.0]])) if self.two_lane else None  # per lane: r, p_attn, p_mlp
         self.register_buffer("norm_scale", torch.tensor(1.0 / math.sqrt(layer + 1)), persistent=False)
 
-    def forward(self, x, x0, skip=None, skip_weight=None, skip_gate=None):
+    def forward(self, x, x0, skip=None, skip_weight=None, skip_gate=None, lane1=None):
         dt = x.dtype  # the residual stream's; the small parameters follow it
         if skip is not None:  # U-Net skip: lerp towards the weighted encoder activation
             x = torch.lerp(skip_weight.to(dt) * skip, x, torch.sigmoid(skip_gate).to(dt))
         mix, norm_scale = self.resid_mix.to(dt), self.norm_scale.to(dt)
         x = mix[0] * x + mix[1] * x0
+        if self.two_lane:  # returns both lanes
+            a = self.attn_scale.to(dt) * self.attn(rms_norm(x) * norm_scale)
+            m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * norm_scale)
+            w = self.lane_mix.to(dt)
+            return w[0, 0] * x + w[0, 1] * a + w[0, 2] * m, w[1, 0] * lane1 + w[1, 1] * a + w[1, 2] * m
         if self.parallel:
             n = rms_norm(x) * norm_scale
             return x + self.attn_scale.to(dt) * self.attn(n) + self.mlp_scale.to(dt) * self.mlp(n)
@@ -765,6 +783,18 @@ class SoftcapTokenLoss(nn.Module):
         return losses.mean() if reduction == "mean" else losses
 
 
+def simctg_loss(hidden: torch.Tensor, margin: float) -> torch.Tensor:
+    """SimCTG's token-level contrastive term (Su et al. 2022) on hidden states [B, T, C]: the mean
+    over ordered pairs i != j of one sequence of max(0, margin - 1 + cos(h_i, h_j)), which pushes
+    different positions' representations apart until their cosine is below 1 - margin. The
+    diagonal (cos = 1) is pushed below zero, so it adds nothing."""
+    z = F.normalize(hidden, dim=-1)
+    T = hidden.size(1)
+    shift = (1 - margin) + 2 * torch.eye(T, device=z.device, dtype=z.dtype)
+    penalty = F.relu(z @ z.mT - shift).to(torch.promote_types(z.dtype, torch.float32))  # summed in fp32 at least
+    return (penalty.sum(dim=(-2, -1)) / (T * (T - 1))).mean()
+
+
 class SmearGate(nn.Module):
     """e'_t = e_t + lambda sigmoid(w . e_t[:12]) e_(t-1) on the token embeddings, except where token t
     is BOS: a document's first token takes nothing from the previous document. w and lambda start
@@ -824,20 +854,29 @@ class GPT(nn.Module):
         x0 = x
         order = self.layer_order()
         num_encoder = len(order) // 2
-        skips = []
+        skips, lane1 = [], None
         for i, layer in enumerate(order):
+            block = self.blocks[layer]
+            if block.two_lane and lane1 is None:  # the second lane starts as a copy of the stream
+                lane1 = x
+            skip = (skips.pop(), self.skip_weights[i - num_encoder], self.skip_gates[i - num_encoder]) if i >= num_encoder and skips else ()
+            out = block(x, x0, *skip, lane1=lane1) if block.two_lane else block(x, x0, *skip)
+            x, lane1 = out if block.two_lane else (out, None)
             if i < num_encoder:
-                x = self.blocks[layer](x, x0)
                 skips.append(x)
-            elif skips:
-                j = i - num_encoder
-                x = self.blocks[layer](x, x0, skips.pop(), self.skip_weights[j], self.skip_gates[j])
-            else:
-                x = self.blocks[layer](x, x0)
-        return rms_norm(x)
+        return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.token_loss(self.hidden_states(ids), self.tok_emb.weight, targets)
+
+    def training_loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The objective the optimizer minimises: cross-entropy, plus SIMCTG_WEIGHT x the
+        contrastive term if set (training only: evaluation and TTT score cross-entropy)."""
+        hidden = self.hidden_states(ids)
+        loss = self.token_loss(hidden, self.tok_emb.weight, targets)
+        if self.h.simctg_weight > 0:
+            loss = loss + self.h.simctg_weight * simctg_loss(hidden, self.h.simctg_margin)
+        return loss
 
     def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token negative log-likelihood (nats), shaped like targets."""
@@ -1116,7 +1155,7 @@ def train_step(model, optimizers, loader, h, rt, accum, lr_mult, momentum) -> to
     for _ in range(accum):
         x, y = loader.next_batch()
         with autocast(rt.device):
-            loss = model(x, y)
+            loss = model.training_loss(x, y)
         (loss / accum).backward()
         total += loss.detach()
     optimizers.step(lr_mult, momentum, h.grad_clip_norm)
@@ -1317,13 +1356,59 @@ def round_to_nearest(W: torch.Tensor, qmax: int, clip_k: float):
     return torch.clamp(torch.round(W.float() / scale[..., None]), -qmax, qmax).to(torch.int8), scale
 
 
+LQER_GROUP = 64  # columns of B sharing one scale
+
+
+@dataclass
+class LowRankCorrection:
+    """LQER's correction A B of a quantized matrix's error, asymmetric: A [rows, r] in INT2 with one
+    scale (codes -2..1), B [r, cols] in INT4 (codes -8..7) with a scale per LQER_GROUP columns."""
+
+    a_codes: torch.Tensor  # int8 [rows, r]
+    a_scale: torch.Tensor  # float (fp16-exact) [1]
+    b_codes: torch.Tensor  # int8 [r, cols]
+    b_scales: torch.Tensor  # float (fp16-exact) [r, ceil(cols / LQER_GROUP)]
+
+    def dequantize(self) -> torch.Tensor:
+        b = self.b_codes.float() * self.b_scales.repeat_interleave(LQER_GROUP, dim=1)[:, : self.b_codes.size(1)]
+        return (self.a_codes.float() * self.a_scale) @ b
+
+
 @dataclass
 class QuantizedTensor:
     codes: torch.Tensor  # int8 [rows, cols]
     scale: torch.Tensor  # float (fp16-exact) [rows]
+    correction: LowRankCorrection | None = None
 
     def dequantize(self) -> torch.Tensor:
-        return self.codes.float() * self.scale[:, None]
+        W = self.codes.float() * self.scale[:, None]
+        return W if self.correction is None else W + self.correction.dequantize()
+
+
+def low_rank_correction(error: torch.Tensor, rank: int) -> LowRankCorrection:
+    """The rank-r truncated SVD of a quantization error E = W - W_hat, A = U_r S_r and B = V_r^T,
+    each quantized as LowRankCorrection stores it (scales max|A| / 1.5 and max|B group| / 7.5)."""
+    U, S, Vh = torch.linalg.svd(error.float(), full_matrices=False)
+    A, B = U[:, :rank] * S[:rank], Vh[:rank]
+    a_scale = (A.abs().max() / 1.5).clamp_min(1e-12).half().float().reshape(1)
+    a_codes = torch.clamp(torch.round(A / a_scale), -2, 1)
+    cols = B.size(1)
+    groups = F.pad(B, (0, -cols % LQER_GROUP)).view(rank, -1, LQER_GROUP)
+    b_scales = (groups.abs().amax(-1) / 7.5).clamp_min(1e-12).half().float()
+    b_codes = torch.clamp(torch.round(groups / b_scales[..., None]), -8, 7).view(rank, -1)[:, :cols]
+    return LowRankCorrection(a_codes.to(torch.int8), a_scale, b_codes.to(torch.int8), b_scales)
+
+
+def add_low_rank_corrections(qstate: dict, state: dict, rank: int, count: int) -> dict[str, tuple[float, float]]:
+    """LQER: the `count` quantized matrices with the largest error ||W - W_hat||_F get a rank-`rank`
+    correction (in place). Returns {name: (error norm before, after)} for the log."""
+    errors = {n: state[n].detach().float().cpu() - q.dequantize() for n, q in qstate.items() if isinstance(q, QuantizedTensor)}
+    worst = sorted(errors, key=lambda n: errors[n].norm().item(), reverse=True)[:count]
+    report = {}
+    for n in worst:
+        qstate[n].correction = low_rank_correction(errors[n], min(rank, *errors[n].shape))
+        report[n] = (errors[n].norm().item(), (errors[n] - qstate[n].correction.dequantize()).norm().item())
+    return report
 
 
 def quantization_step(h: Hyperparameters, name: str, multiplier: float = 1.0) -> tuple[int, float]:
@@ -1464,7 +1549,7 @@ def allocate_quantization_steps(model: GPT, hessians: dict, loader: TrainLoader,
 
 ARTIFACT_MAGIC = b"PGOLF1"
 ARTIFACT_LIMIT_BYTES = 16_000_000
-ARCH_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "loop_start", "loop_end", "num_loops", "smear_gate", "attn_gate")
+ARCH_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "loop_start", "loop_end", "num_loops", "smear_gate", "attn_gate", "lanes_from_layer")
 
 
 def byte_shuffle(data: bytes, stride: int) -> bytes:
@@ -1630,17 +1715,23 @@ def artifact_layout(h: Hyperparameters) -> list[tuple[str, torch.Size, bool]]:
 
 def pack_artifact(qstate: dict, h: Hyperparameters, looping: bool) -> bytes:
     """Layout: magic | u32 header length | JSON header (architecture, whether the trained model
-    runs with depth recurrence) | one rANS stream of the integer codes of every quantized tensor
-    in state_dict order, a frequency table per tensor | compressed remainder: all row scales,
-    then all passthrough tensors, as fp16, byte-shuffled."""
+    runs with depth recurrence, the matrices with an LQER correction and its rank) | one rANS
+    stream of the integer codes of every quantized tensor in state_dict order, then of each
+    correction's A and B, a frequency table per array | compressed remainder: all row scales,
+    all passthrough tensors, then the corrections' scales, as fp16, byte-shuffled."""
     layout = artifact_layout(h)
     if set(qstate) != {name for name, _, _ in layout}:
         raise ValueError("pack_artifact: tensors do not match the architecture")
-    stream = rans_encode([qstate[name].codes.numpy() for name, _, quantized in layout if quantized])
-    scales = b"".join(qstate[name].scale.half().numpy().tobytes() for name, _, quantized in layout if quantized)
-    plain = b"".join(qstate[name].half().numpy().tobytes() for name, _, quantized in layout if not quantized)
-    rest = compress(byte_shuffle(scales, 2) + byte_shuffle(plain, 2), h.compressor, h.compress_level)
-    header = json.dumps({"arch": {k: getattr(h, k) for k in ARCH_FIELDS}, "looping": looping}, separators=(",", ":")).encode()
+    quantized = [name for name, _, q in layout if q]
+    corrected = [name for name in quantized if qstate[name].correction is not None]
+    fixes = [qstate[name].correction for name in corrected]
+    stream = rans_encode([qstate[name].codes.numpy() for name in quantized] + [c.numpy() for f in fixes for c in (f.a_codes, f.b_codes)])
+    scales = b"".join(qstate[name].scale.half().numpy().tobytes() for name in quantized)
+    plain = b"".join(qstate[name].half().numpy().tobytes() for name, _, q in layout if not q)
+    fix_scales = b"".join(torch.cat([f.a_scale, f.b_scales.flatten()]).half().numpy().tobytes() for f in fixes)
+    rest = compress(byte_shuffle(scales, 2) + byte_shuffle(plain, 2) + byte_shuffle(fix_scales, 2), h.compressor, h.compress_level)
+    lqer = {"names": corrected, "rank": fixes[0].a_codes.size(1)} if fixes else None
+    header = json.dumps({"arch": {k: getattr(h, k) for k in ARCH_FIELDS}, "looping": looping, "lqer": lqer}, separators=(",", ":")).encode()
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + stream + rest
 
 
@@ -1656,27 +1747,39 @@ def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Te
         if getattr(h, k) != v:
             raise ValueError(f"artifact was trained with {k.upper()}={v}, but {k.upper()}={getattr(h, k)} now")
     layout = artifact_layout(h)
+    shapes = {name: shape for name, shape, quantized in layout if quantized}
+    lqer = header.get("lqer") or {"names": [], "rank": 0}
+    r = lqer["rank"]
+    if not set(lqer["names"]) <= set(shapes):
+        raise ValueError("artifact: LQER corrections name matrices the architecture does not quantize")
+    fix_shapes = [s for n in lqer["names"] for s in ((shapes[n][0], r), (r, shapes[n][1]))]
     arrays, used = rans_decode(data[offset:])
-    shapes = [shape for _, shape, quantized in layout if quantized]
-    if [len(a) for a in arrays] != [math.prod(shape) for shape in shapes]:
+    if [len(a) for a in arrays] != [math.prod(s) for s in [*shapes.values(), *fix_shapes]]:
         raise ValueError("artifact: code counts do not match the architecture")
     codes = iter(arrays)
     rest = decompress(data[offset + used :])
-    scale_sizes = [shape[0] for shape in shapes]
-    plain_sizes = [math.prod(shape) for _, shape, quantized in layout if not quantized]
-    if len(rest) != 2 * (sum(scale_sizes) + sum(plain_sizes)):
+    sizes = {
+        "scales": [s[0] for s in shapes.values()],
+        "plain": [math.prod(shape) for _, shape, quantized in layout if not quantized],
+        "fix_scales": [1 + r * -(-shapes[n][1] // LQER_GROUP) for n in lqer["names"]],
+    }
+    if len(rest) != 2 * sum(map(sum, sizes.values())):
         raise ValueError("artifact: payload size does not match the architecture")
-    split = 2 * sum(scale_sizes)
-    scales = iter(np.split(np.frombuffer(byte_unshuffle(rest[:split], 2), np.float16), np.cumsum(scale_sizes)[:-1]))
-    plain = iter(np.split(np.frombuffer(byte_unshuffle(rest[split:], 2), np.float16), np.cumsum(plain_sizes)[:-1]))
+    parts, at = {}, 0
+    for part, counts in sizes.items():
+        chunk = rest[at : at + 2 * sum(counts)]
+        at += len(chunk)
+        parts[part] = iter(np.split(np.frombuffer(byte_unshuffle(chunk, 2), np.float16).astype(np.float32), np.cumsum(counts)[:-1]))
+    quantized = {}
+    for name, shape in shapes.items():
+        quantized[name] = QuantizedTensor(torch.from_numpy(next(codes).astype(np.int8)).view(shape), torch.from_numpy(next(parts["scales"])))
+    for name in lqer["names"]:
+        a, b = (torch.from_numpy(next(codes).astype(np.int8)).view(s) for s in ((shapes[name][0], r), (r, shapes[name][1])))
+        s = torch.from_numpy(next(parts["fix_scales"]))
+        quantized[name].correction = LowRankCorrection(a, s[:1], b, s[1:].view(r, -1))
     state = {}
-    for name, shape, quantized in layout:
-        if quantized:
-            c = torch.from_numpy(next(codes).astype(np.int8)).view(shape)
-            s = torch.from_numpy(next(scales).astype(np.float32))
-            state[name] = QuantizedTensor(c, s).dequantize()
-        else:
-            state[name] = torch.from_numpy(next(plain).astype(np.float32)).view(shape)
+    for name, shape, is_quantized in layout:
+        state[name] = quantized[name].dequantize() if is_quantized else torch.from_numpy(next(parts["plain"])).view(shape)
     return state, header["looping"]
 
 
@@ -1743,6 +1846,9 @@ def build_artifact(model: GPT, hessians: dict, multipliers: dict[str, float] | N
         blob = b""
         if rt.is_main:
             with timer(f"pack{label}"):
+                if h.lqer_rank:
+                    fixed = add_low_rank_corrections(q, model.state_dict(), h.lqer_rank, h.lqer_matrices)
+                    log(f"LQER{label} rank {h.lqer_rank}: " + ", ".join(f"{n} error {a:.3f} -> {b:.3f}" for n, (a, b) in fixed.items()))
                 blob = pack_artifact(q, h, model.looping)
         size = torch.tensor([len(blob)], device=rt.device)
         if rt.distributed:

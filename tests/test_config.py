@@ -12,7 +12,7 @@ def test_defaults_match_the_record():
     assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult, h.vocab_size) == (11, 512, 8, 4, 4, 8192)
     assert (h.rope_dims, h.qk_gain_init, h.logit_softcap, h.parallel_from_layer) == (16, 5.25, 30.0, 7)
     assert (h.loop_start, h.loop_end, h.num_loops, h.loop_start_frac) == (3, 5, 2, 0.35)
-    assert (h.muon_lr, h.muon_momentum, h.muon_wd, h.embed_lr, h.scalar_lr) == (0.022, 0.99, 0.095, 0.03, 0.02)
+    assert (h.muon_lr, h.muon_momentum, h.muon_wd, h.embed_lr, h.scalar_lr) == (0.026, 0.97, 0.095, 0.03, 0.02)
     assert (h.train_batch_tokens, h.train_seq_len, h.grad_clip_norm, h.ema_decay) == (786432, 2048, 0.3, 0.9965)
     assert (h.eval_seq_len, h.eval_stride, h.ttt_chunk_tokens, h.ttt_lr, h.ttt_epochs) == (2048, 64, 32768, 0.005, 3)
     assert (h.matrix_bits, h.matrix_clip_k, h.embed_bits, h.embed_clip_k) == (6, 12.85, 8, 20.0)

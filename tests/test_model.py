@@ -227,3 +227,79 @@ def test_attention_gate_halves_each_head_at_init_and_follows_its_formula():
     per_head = captured["plain"].view(2, 12, h.num_heads, -1) * g[..., None]
     assert torch.allclose(captured["gated"], per_head.view(2, 12, -1))
     assert set(dict(gated.named_parameters())) - set(dict(plain.named_parameters())) == {"gate"}
+
+
+def test_simctg_term_against_a_hand_computation():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 8, dtype=torch.float64)
+    hidden[0, 3] = 2.5 * hidden[0, 1]  # one pair with cosine 1
+    expected = []
+    for b in range(2):
+        terms = [max(0.0, 0.4 - 1 + F.cosine_similarity(hidden[b, i], hidden[b, j], dim=0).item()) for i in range(5) for j in range(5) if i != j]
+        expected.append(sum(terms) / len(terms))
+    assert tg.simctg_loss(hidden, 0.4).item() == pytest.approx(sum(expected) / 2, abs=1e-12)
+    assert expected[0] >= 2 * 0.4 / 20  # the parallel pair counts 0.4 both ways
+    same = torch.randn(1, 1, 8).expand(1, 6, 8)
+    assert tg.simctg_loss(same, 0.4).item() == pytest.approx(0.4)  # all cosines 1: the margin
+    assert tg.simctg_loss(torch.eye(6)[None], 0.4).item() == 0.0  # orthogonal: nothing to push
+
+
+def test_simctg_enters_the_training_loss_only():
+    h = tiny_hyperparameters(simctg_weight=0.3, simctg_margin=0.9)
+    torch.manual_seed(0)
+    model = tg.GPT(h)
+    ids, targets = torch.randint(0, h.vocab_size, (2, 16)), torch.randint(0, h.vocab_size, (2, 16))
+    term = tg.simctg_loss(model.hidden_states(ids), 0.9)
+    assert term > 0
+    assert model.training_loss(ids, targets).item() == pytest.approx(model(ids, targets).item() + 0.3 * term.item(), rel=1e-6)
+    model.h = tiny_hyperparameters()  # weight 0: the training loss is the cross-entropy
+    assert model.training_loss(ids, targets).item() == pytest.approx(model(ids, targets).item(), rel=1e-6)
+
+
+def _randomised(model, seed=0):
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    return model.double()
+
+
+def test_two_lane_block_follows_its_formula():
+    h = tiny_hyperparameters(lanes_from_layer=3)
+    block = _randomised(tg.Block(h, 3))
+    assert block.two_lane and not tg.Block(h, 2).two_lane
+    x, x0, lane1 = (torch.randn(2, 8, h.model_dim, dtype=torch.float64) for _ in range(3))
+    out0, out1 = block(x, x0, lane1=lane1)
+    mixed = block.resid_mix[0] * x + block.resid_mix[1] * x0
+    a = block.attn_scale * block.attn(tg.rms_norm(mixed) * block.norm_scale)
+    m = block.mlp_scale * block.mlp(tg.rms_norm(lane1) * block.norm_scale)
+    (r0, pa0, pm0), (r1, pa1, pm1) = block.lane_mix
+    assert torch.allclose(out0, r0 * mixed + pa0 * a + pm0 * m)
+    assert torch.allclose(out1, r1 * lane1 + pa1 * a + pm1 * m)
+    assert torch.equal(tg.Block(h, 3).lane_mix, torch.tensor([[1.1, 1.0, 1.0], [1.1, 1.0, 1.0]]))
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_two_lane_model_reduces_to_the_one_stream_model(looping):
+    """With the last block's lanes weighted so that only lane 0 carries (x + attn), the output is
+    that of the one-stream model whose last block has its MLP switched off; with only lane 1
+    carrying (lane + mlp), that of the model without attention there (mean of lanes, then norm)."""
+    lanes = _randomised(tg.GPT(tiny_hyperparameters(lanes_from_layer=3)))
+    plain = tg.GPT(tiny_hyperparameters()).double()
+    state = {k: v for k, v in lanes.state_dict().items() if "lane_mix" not in k}
+    lanes.looping = plain.looping = looping
+    ids = torch.randint(0, 64, (2, 16))
+    for lane_mix, zeroed in (([[1, 1, 0], [0, 0, 0]], "mlp_scale"), ([[0, 0, 0], [1, 0, 1]], "attn_scale")):
+        lanes.blocks[3].lane_mix.data = torch.tensor(lane_mix, dtype=torch.float64)
+        plain.load_state_dict({**state, f"blocks.3.{zeroed}": torch.zeros(32, dtype=torch.float64)})
+        if zeroed == "attn_scale":  # lane 1 is the stream before block 3's U-Net skip and mix with x0: make both the identity
+            for m in (plain, lanes):
+                m.blocks[3].resid_mix.data = torch.tensor([[1.0] * 32, [0.0] * 32], dtype=torch.float64)
+                m.skip_gates.data.fill_(40.0)  # sigmoid = 1: the skip lerp keeps x
+        assert torch.allclose(lanes.hidden_states(ids), plain.hidden_states(ids), atol=1e-10), zeroed
+
+
+def test_lanes_must_start_after_the_loop_in_the_decoder_half():
+    for bad in (2, 4):  # inside the loop (LOOP_END=2); past the last layer
+        with pytest.raises(ValueError, match="LANES_FROM_LAYER"):
+            tiny_hyperparameters(lanes_from_layer=bad).validate(1)
+    tiny_hyperparameters(lanes_from_layer=3).validate(1)

@@ -304,7 +304,7 @@ def test_rans_detects_corruption():
         tg.rans_decode(bytes(data))
 
 
-@pytest.mark.parametrize("gates", [dict(smear_gate=False), dict(smear_gate=True, attn_gate=True)])
+@pytest.mark.parametrize("gates", [dict(smear_gate=False), dict(smear_gate=True, attn_gate=True, lanes_from_layer=3)])
 def test_artifact_round_trip_is_exact(cpu_runtime, gates):
     h = tiny_hyperparameters(compress_level=5, **gates)
     model, hessians = _tiny_model_and_hessians(h)
@@ -424,3 +424,39 @@ def test_stripped_program_is_the_original_minus_docstrings_and_comments():
     comments = [t for t in tokenize.generate_tokens(io.StringIO(stripped).readline) if t.type == tokenize.COMMENT]
     assert not comments and "#" in source
     assert len(stripped) < 0.85 * len(source)
+
+
+def test_lqer_correction_is_quantized_as_specified_and_removes_a_low_rank_error():
+    torch.manual_seed(0)
+    structured = torch.randn(96, 4) @ torch.randn(4, 200)  # a rank-4 error plus rounding noise
+    error = structured + 0.05 * torch.randn(96, 200)
+    fix = tg.low_rank_correction(error, 4)
+    assert fix.a_codes.shape == (96, 4) and fix.b_codes.shape == (4, 200) and fix.b_scales.shape == (4, 4)  # 200 columns: 4 groups of <= 64
+    for seed in range(6):  # A's largest |entry| is 1.5 steps: -2 if negative, clamped to 1 if positive
+        torch.manual_seed(seed)
+        other = tg.low_rank_correction(torch.randn(40, 64), 4)
+        assert other.a_codes.min() >= -2 and other.a_codes.max() <= 1 and other.b_codes.min() >= -8 and other.b_codes.max() <= 7
+    assert torch.equal(fix.a_scale, fix.a_scale.half().float()) and torch.equal(fix.b_scales, fix.b_scales.half().float())
+    U, S, Vh = torch.linalg.svd(error, full_matrices=False)
+    A = U[:, :4] * S[:4]
+    assert fix.a_scale.item() == pytest.approx(A.abs().max().item() / 1.5, rel=1e-3)
+    assert (error - fix.dequantize()).norm() < 0.8 * error.norm()  # INT2 A (4 levels, one scale) keeps a part of it
+
+
+def test_lqer_corrects_the_worst_matrices_and_survives_the_artifact(cpu_runtime):
+    h = tiny_hyperparameters(compress_level=5, lqer_rank=2, lqer_matrices=2)
+    model, hessians = _tiny_model_and_hessians(h)
+    q = tg.quantize_model(model, hessians, h, cpu_runtime)
+    plain_blob = tg.pack_artifact(q, h, looping=False)
+    errors = {n: (model.state_dict()[n] - t.dequantize()).norm().item() for n, t in q.items() if isinstance(t, tg.QuantizedTensor)}
+    report = tg.add_low_rank_corrections(q, model.state_dict(), 2, 2)
+    assert list(report) == sorted(errors, key=errors.get, reverse=True)[:2]
+    assert all(after < before for before, after in report.values())
+    blob = tg.pack_artifact(q, h, looping=False)
+    assert len(blob) > len(plain_blob)  # the corrections are stored, and counted
+    state, _ = tg.unpack_artifact(blob, h)
+    for name, t in q.items():
+        expected = t.dequantize() if isinstance(t, tg.QuantizedTensor) else t.float()
+        assert torch.equal(state[name], expected), name
+    for name in report:
+        assert not torch.equal(state[name], q[name].codes.float() * q[name].scale[:, None])

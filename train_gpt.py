@@ -109,7 +109,7 @@ class Hyperparameters:
     smear_gate: bool = _param(True)  # mix each token's embedding with the previous one's (not across BOS)
     attn_gate: bool = _param(False)  # per-head sigmoid gate on the attention output from 12 input dims
     attn_gate_scale: float = _param(1.0, lo=0)
-    lanes_from_layer: int = _param(0, lo=0)  # blocks from this one on keep two residual lanes (attention / MLP); 0: one stream
+    lanes_from_layer: int = _param(8, lo=0)  # blocks from this one on keep two residual lanes (attention / MLP); 0: one stream
     simctg_weight: float = _param(0.0, lo=0)  # weight of the SimCTG contrastive term in the training loss; 0: off
     simctg_margin: float = _param(0.4, lo=0, hi=1)
     # optimizer

@@ -38,7 +38,7 @@ def tiny_hyperparameters(**overrides) -> "tg.Hyperparameters":
     """A model small enough to train and evaluate on one CPU core in seconds."""
     values = dict(
         vocab_size=TINY_VOCAB, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2, rope_dims=4,
-        parallel_from_layer=3, loop_start=1, loop_end=2, num_loops=1, train_seq_len=32, eval_seq_len=32,
+        parallel_from_layer=3, lanes_from_layer=3, loop_start=1, loop_end=2, num_loops=1, train_seq_len=32, eval_seq_len=32,
         eval_stride=8, eval_batch_seqs=4, ttt_chunk_tokens=128, ttt_batch_seqs=4, train_batch_tokens=256,
         compile=False, warmup_steps=0, passthrough_max_numel=4096,
     )

@@ -284,7 +284,7 @@ def test_two_lane_model_reduces_to_the_one_stream_model(looping):
     that of the one-stream model whose last block has its MLP switched off; with only lane 1
     carrying (lane + mlp), that of the model without attention there (mean of lanes, then norm)."""
     lanes = _randomised(tg.GPT(tiny_hyperparameters(lanes_from_layer=3)))
-    plain = tg.GPT(tiny_hyperparameters()).double()
+    plain = tg.GPT(tiny_hyperparameters(lanes_from_layer=0)).double()
     state = {k: v for k, v in lanes.state_dict().items() if "lane_mix" not in k}
     lanes.looping = plain.looping = looping
     ids = torch.randint(0, 64, (2, 16))

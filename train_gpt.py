@@ -343,13 +343,15 @@ SHARD_HEADER_BYTES = 4 * SHARD_HEADER_INTS
 BOS_ID = 1
 
 
-def write_shard(path: Path, tokens: np.ndarray):
-    """Writes tokens in the challenge's shard format (used by tests and data tools)."""
+def shard_bytes(tokens: np.ndarray) -> bytes:
+    """Tokens (or byte counts) in the challenge's shard format (used by tests and data tools)."""
     header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+    return header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes()
+
+
+def write_shard(path: Path, tokens: np.ndarray):
+    Path(path).write_bytes(shard_bytes(tokens))
 
 
 def read_shard(path: Path) -> np.memmap:

@@ -7,7 +7,6 @@ and one validation shard of synthetic English-like documents) and quick_run.env,
 of a model small enough to train, quantize and evaluate on a CPU in about a minute.
 """
 
-import io
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import caseops  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 TINY_VOCAB = 320
@@ -48,18 +48,11 @@ def synthetic_documents(num_docs: int, seed: int) -> list[str]:
 
 
 def train_tokenizer(path: Path, vocab_size: int = TINY_VOCAB):
-    """A BPE tokenizer with the challenge's settings (byte fallback, split digits, nmt_nfkc, no
-    dummy prefix, pad/bos/eos/unk = 0/1/2/3), trained on synthetic documents."""
+    """A BPE tokenizer with the challenge's settings (caseops.TOKENIZER_SETTINGS; full character
+    coverage), trained on synthetic documents."""
     import sentencepiece as spm
 
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(synthetic_documents(400, seed=0)), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
-        add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=1.0,
-        hard_vocab_limit=False, minloglevel=2,
-    )
-    path.write_bytes(model.getvalue())
+    path.write_bytes(caseops.train_tokenizer(synthetic_documents(400, seed=0), vocab_size, caseops=False, character_coverage=1.0))
     return spm.SentencePieceProcessor(model_file=str(path))
 
 

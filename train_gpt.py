@@ -118,6 +118,7 @@ class Hyperparameters:
     muon_momentum_start: float = _param(0.92, lo=0, hi=0.9999)
     muon_momentum_warmup_steps: int = _param(1500, lo=0)
     muon_wd: float = _param(0.095, lo=0)
+    muon_wd_final: float = _param(1.0, lo=0)  # Muon WD multiplier reached at the end, linearly from 70% of training (CaseOps records: 0.5)
     muon_ns_steps: int = _param(5, lo=1)
     muon_ns_coefficients: str = _param("polar_express", choices=("quintic", "polar_express"))  # NEWTON_SCHULZ_COEFFICIENTS
     embed_lr: float = _param(0.03, lo=0)
@@ -1000,7 +1001,7 @@ class Muon:
             self.banks.append(dict(shape=shape, members=members, share=share, mine=mine, momentum=torch.zeros(len(mine), *shape, device=members[0][0].device)))
 
     @torch.no_grad()
-    def step(self, lr_mult: float):
+    def step(self, lr_mult: float, wd_mult: float = 1.0):
         lr = self.lr * lr_mult
         for bank in self.banks:
             rows_, cols_ = bank["shape"]
@@ -1018,7 +1019,7 @@ class Muon:
                 mine = updates[self.rank * bank["share"] : (self.rank + 1) * bank["share"]].clone()
                 dist.all_gather_into_tensor(updates, mine)
             params = [p[rows] for p, rows in bank["members"]]
-            torch._foreach_mul_(params, 1.0 - lr * self.weight_decay)
+            torch._foreach_mul_(params, 1.0 - lr * self.weight_decay * wd_mult)
             torch._foreach_add_(params, list(updates[: len(params)].float().unbind(0)), alpha=-lr)
 
     def state_dict(self):
@@ -1078,11 +1079,11 @@ class Optimizers:
         self.adam = torch.optim.AdamW(groups, betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, fused=rt.device.type == "cuda")
         self.grads = GradBuffer(list(model.parameters()))
 
-    def step(self, lr_mult: float, muon_momentum: float, clip_norm: float) -> torch.Tensor:
+    def step(self, lr_mult: float, muon_momentum: float, clip_norm: float, muon_wd_mult: float = 1.0) -> torch.Tensor:
         self.grads.average_across_ranks()
         norm = self.grads.clip_(clip_norm)
         self.muon.momentum = muon_momentum
-        self.muon.step(lr_mult)
+        self.muon.step(lr_mult, muon_wd_mult)
         for g in self.adam.param_groups:
             g["lr"] = g["base_lr"] * lr_mult
         self.adam.step()
@@ -1115,6 +1116,14 @@ def lr_multiplier(frac: float, warmdown_frac: float, min_lr_frac: float) -> floa
     if warmdown_frac <= 0 or frac < 1 - warmdown_frac:
         return 1.0
     return max(min_lr_frac, max(0.0, 1 - frac) / warmdown_frac)
+
+
+WD_TAPER_START = 0.7  # of training
+
+
+def muon_wd_multiplier(frac: float, final: float) -> float:
+    """The WD taper of the CaseOps records: x1 until 70% of training, then linearly to `final`."""
+    return 1.0 + (final - 1.0) * max(0.0, frac - WD_TAPER_START) / (1 - WD_TAPER_START)
 
 
 def muon_momentum_at(step: int, h: Hyperparameters) -> float:
@@ -1152,7 +1161,7 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def train_step(model, optimizers, loader, h, rt, accum, lr_mult, momentum) -> torch.Tensor:
+def train_step(model, optimizers, loader, h, rt, accum, lr_mult, momentum, wd_mult=1.0) -> torch.Tensor:
     total = torch.zeros((), device=rt.device)
     for _ in range(accum):
         x, y = loader.next_batch()
@@ -1160,7 +1169,7 @@ def train_step(model, optimizers, loader, h, rt, accum, lr_mult, momentum) -> to
             loss = model.training_loss(x, y)
         (loss / accum).backward()
         total += loss.detach()
-    optimizers.step(lr_mult, momentum, h.grad_clip_norm)
+    optimizers.step(lr_mult, momentum, h.grad_clip_norm, wd_mult)
     return total / accum
 
 
@@ -1228,7 +1237,7 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
         if looping and not model.looping:
             log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of training), order {virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops)}")
         model.looping = looping
-        loss = train_step(model, optimizers, loader, h, rt, accum, lr_multiplier(frac, h.warmdown_frac, h.min_lr_frac), muon_momentum_at(step, h))
+        loss = train_step(model, optimizers, loader, h, rt, accum, lr_multiplier(frac, h.warmdown_frac, h.min_lr_frac), muon_momentum_at(step, h), muon_wd_multiplier(frac, h.muon_wd_final))
         ema.update()
         step += 1
         loss_sum = loss if loss_sum is None else loss_sum + loss

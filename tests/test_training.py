@@ -174,14 +174,15 @@ def test_training_progress_follows_steps_or_clock_whichever_is_further():
 def test_fixed_step_run_switches_recurrence_and_warms_down_by_steps(tmp_path, tiny_data):
     """ITERATIONS=20 with a budget far away: recurrence from step 7 (35%), LR multiplier
     (1 - step/20)/0.72 in warmdown down to the 0.10 floor, as the steps say, whatever the clock."""
-    h, rt, model, opt, make_loader = _tiny_training(tmp_path, tiny_data, iterations=20, max_wallclock_seconds=1e6, grad_accum_steps=1, log_every=1)
-    lines, multipliers = [], []
+    h, rt, model, opt, make_loader = _tiny_training(tmp_path, tiny_data, iterations=20, max_wallclock_seconds=1e6, grad_accum_steps=1, log_every=1, muon_wd_final=0.5)
+    lines, multipliers, wd = [], [], []
     step = opt.step
-    opt.step = lambda lr_mult, momentum, clip: (multipliers.append(lr_mult), step(lr_mult, momentum, clip))[1]
+    opt.step = lambda lr_mult, momentum, clip, wd_mult: (multipliers.append(lr_mult), wd.append(wd_mult), step(lr_mult, momentum, clip, wd_mult))[2]
     result = tg.train(model, opt, tg.WeightEMA(list(model.parameters()), h.ema_decay, h.ema_power), make_loader(), h, rt, lines.append)
     assert result.steps == 20 and result.stop_reason == "reached ITERATIONS=20"
     assert any(l.startswith("step 7: depth recurrence on") for l in lines)
     assert multipliers[:6] == [1.0] * 6 and multipliers[15] == pytest.approx(0.25 / 0.72) and multipliers[19] == pytest.approx(0.10)
+    assert wd[:15] == [1.0] * 15 and wd[19] == pytest.approx(1 - 0.5 * (0.95 - 0.7) / 0.3)  # the taper, by steps too
 
 
 def test_muon_momentum_warmup():
@@ -389,3 +390,13 @@ def test_compiled_model_matches_eager():
 
 
 test_compiled_model_matches_eager.start_early = start_compile_check
+
+
+def test_muon_weight_decay_taper():
+    assert [tg.muon_wd_multiplier(f, 0.5) for f in (0.0, 0.7, 0.85, 1.0)] == pytest.approx([1.0, 1.0, 0.75, 0.5])
+    assert tg.muon_wd_multiplier(0.9, 1.0) == 1.0  # the default: no taper
+    W = nn.Parameter(torch.ones(4, 4))
+    W.grad = torch.zeros(4, 4)
+    muon = tg.Muon([(W, slice(None))], lr=0.1, weight_decay=0.5, ns_steps=1, rank=0, world_size=1)
+    muon.step(1.0, wd_mult=0.5)  # zero gradient: the step is the decay alone
+    assert torch.allclose(W.detach(), torch.full((4, 4), 1 - 0.1 * 0.5 * 0.5))

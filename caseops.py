@@ -112,7 +112,8 @@ def _original_bytes(chars):
 # Tokenizer and byte sidecar
 # ---------------------------------------------------------------------------------------------
 
-# The challenge's sentencepiece settings (read from its sp8192 model): BPE, byte fallback, digits
+# The challenge's sentencepiece settings (read from the development sp8192 model's proto, which was
+# trained with them): BPE, byte fallback, digits
 # split, nmt_nfkc normalisation, no dummy prefix, pad/bos/eos/unk = 0/1/2/3, coverage 0.999.
 TOKENIZER_SETTINGS = dict(
     model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",

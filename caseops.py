@@ -143,31 +143,23 @@ class ByteCounter:
     ('\\u2581' is a space; a leading one after a control token is not in the text, as in the
     plain tokenizer's tables), operators 0 unless escaped."""
 
+    BYTE = "\x00"  # stands in for a byte-fallback token: one byte, not an operator
+
     def __init__(self, sp):
         n = sp.vocab_size()
-        self.kind = ["control" if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) else "byte" if sp.is_byte(i) else "piece" for i in range(n)]
-        self.surface = [sp.id_to_piece(i).replace("\u2581", " ") if self.kind[i] == "piece" else "" for i in range(n)]
+        self.control = [sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) for i in range(n)]
+        self.surface = ["" if self.control[i] else self.BYTE if sp.is_byte(i) else sp.id_to_piece(i).replace("\u2581", " ") for i in range(n)]
 
     def counts(self, ids) -> list[int]:
-        """Byte counts of a document's ids (without its BOS; the document starts after a control token)."""
-        out, escaped, after_control = [], False, True
+        """Byte counts of a document's ids (without its BOS; the document starts after a control token).
+        The surfaces are read as one text, so an escape in one token applies to the next."""
+        texts, after_control = [], True
         for i in ids:
-            kind = self.kind[i]
-            if kind != "piece":
-                out.append(1 if kind == "byte" else 0)
-                escaped, after_control = False, kind == "control"
-                continue
-            text = self.surface[i][1:] if after_control and self.surface[i].startswith(" ") else self.surface[i]
-            total = 0
-            for c in text:
-                if c in OPERATORS and not escaped:
-                    escaped = c == ESCAPE
-                else:
-                    total += len(c.encode("utf-8"))
-                    escaped = False
-            out.append(total)
-            after_control = False
-        return out
+            text = self.surface[i]
+            texts.append(text[1:] if after_control and text.startswith(" ") else text)
+            after_control = self.control[i]
+        per_char = _original_bytes("".join(texts))
+        return [sum(itertools.islice(per_char, len(t))) for t in texts]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,13 +245,14 @@ def export(docs_path: Path, out: Path, vocab_size: int = 8192, val_docs: int = 5
 
     out.mkdir(parents=True, exist_ok=True)
     save()
-    model_path = out / "tokenizers" / f"fineweb_{vocab_size}_bpe.model"
+    h = tg.Hyperparameters(data_dir=str(out), vocab_size=vocab_size)  # for train_gpt.py's file names
+    model_path = tg.tokenizer_path(h)
     if not model_path.exists():
         model_path.parent.mkdir(exist_ok=True)
         print(f"training the tokenizer on up to {tokenizer_docs:,} training documents", file=sys.stderr)
         training = itertools.islice(read_documents(docs_path, skip=val_docs), tokenizer_docs)  # never validation documents
         _replace(model_path, train_tokenizer(training, vocab_size))
-    dataset = out / "datasets" / f"fineweb10B_sp{vocab_size}"
+    dataset = tg.dataset_dir(h)
     dataset.mkdir(parents=True, exist_ok=True)
 
     def batches():  # aligned at 0 and at val_docs, so a resumed export cuts the same batches
@@ -311,11 +304,9 @@ def _replace(path: Path, data: bytes):
 def docs_from_shards(data_dir: Path, out: Path, vocab_size: int = 8192):
     """Documents back from a plain sentencepiece dataset: every shard (validation first, so that
     its documents stay the first ones) split at BOS and decoded, one {"text": ...} line each."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(Path(data_dir) / "tokenizers" / f"fineweb_{vocab_size}_bpe.model"))
-    dataset = Path(data_dir) / "datasets" / f"fineweb10B_sp{vocab_size}"
-    files = sorted(dataset.glob("fineweb_val_[0-9]*.bin")) + sorted(dataset.glob("fineweb_train_[0-9]*.bin"))
+    h = tg.Hyperparameters(data_dir=str(data_dir), vocab_size=vocab_size)
+    sp = tg.load_tokenizer(tg.tokenizer_path(h), vocab_size)
+    files = tg.find_shards(h, "val") + tg.find_shards(h, "train")
     count = 0
     with open(out, "w", encoding="utf-8") as f:
         for path in files:

@@ -860,11 +860,11 @@ class GPT(nn.Module):
         skips, lane1 = [], None
         for i, layer in enumerate(order):
             block = self.blocks[layer]
-            if block.two_lane and lane1 is None:  # the second lane starts as a copy of the stream
-                lane1 = x
             skip = (skips.pop(), self.skip_weights[i - num_encoder], self.skip_gates[i - num_encoder]) if i >= num_encoder and skips else ()
-            out = block(x, x0, *skip, lane1=lane1) if block.two_lane else block(x, x0, *skip)
-            x, lane1 = out if block.two_lane else (out, None)
+            if block.two_lane:  # the second lane starts as a copy of the stream
+                x, lane1 = block(x, x0, *skip, lane1=x if lane1 is None else lane1)
+            else:
+                x = block(x, x0, *skip)
             if i < num_encoder:
                 skips.append(x)
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
@@ -1414,11 +1414,11 @@ def add_low_rank_corrections(qstate: dict, state: dict, rank: int, count: int) -
     """LQER: the `count` quantized matrices with the largest error ||W - W_hat||_F get a rank-`rank`
     correction (in place). Returns {name: (error norm before, after)} for the log."""
     errors = {n: state[n].detach().float().cpu() - q.dequantize() for n, q in qstate.items() if isinstance(q, QuantizedTensor)}
-    worst = sorted(errors, key=lambda n: errors[n].norm().item(), reverse=True)[:count]
+    norms = {n: e.norm().item() for n, e in errors.items()}
     report = {}
-    for n in worst:
+    for n in sorted(norms, key=norms.get, reverse=True)[:count]:
         qstate[n].correction = low_rank_correction(errors[n], min(rank, *errors[n].shape))
-        report[n] = (errors[n].norm().item(), (errors[n] - qstate[n].correction.dequantize()).norm().item())
+        report[n] = (norms[n], (errors[n] - qstate[n].correction.dequantize()).norm().item())
     return report
 
 
@@ -1763,7 +1763,7 @@ def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Te
     r = lqer["rank"]
     if not set(lqer["names"]) <= set(shapes):
         raise ValueError("artifact: LQER corrections name matrices the architecture does not quantize")
-    fix_shapes = [s for n in lqer["names"] for s in ((shapes[n][0], r), (r, shapes[n][1]))]
+    fix_shapes = [s for n in lqer["names"] for s in ((shapes[n][0], r), (r, shapes[n][1]))]  # A, B of each
     arrays, used = rans_decode(data[offset:])
     if [len(a) for a in arrays] != [math.prod(s) for s in [*shapes.values(), *fix_shapes]]:
         raise ValueError("artifact: code counts do not match the architecture")
@@ -1784,8 +1784,8 @@ def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Te
     quantized = {}
     for name, shape in shapes.items():
         quantized[name] = QuantizedTensor(torch.from_numpy(next(codes).astype(np.int8)).view(shape), torch.from_numpy(next(parts["scales"])))
-    for name in lqer["names"]:
-        a, b = (torch.from_numpy(next(codes).astype(np.int8)).view(s) for s in ((shapes[name][0], r), (r, shapes[name][1])))
+    for k, name in enumerate(lqer["names"]):
+        a, b = (torch.from_numpy(next(codes).astype(np.int8)).view(s) for s in fix_shapes[2 * k : 2 * k + 2])
         s = torch.from_numpy(next(parts["fix_scales"]))
         quantized[name].correction = LowRankCorrection(a, s[:1], b, s[1:].view(r, -1))
     state = {}

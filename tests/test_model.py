@@ -303,3 +303,17 @@ def test_lanes_must_start_after_the_loop_in_the_decoder_half():
         with pytest.raises(ValueError, match="LANES_FROM_LAYER"):
             tiny_hyperparameters(lanes_from_layer=bad).validate(1)
     tiny_hyperparameters(lanes_from_layer=3).validate(1)
+
+
+def test_lanes_carry_from_one_two_lane_block_to_the_next():
+    h = tiny_hyperparameters(num_layers=5, lanes_from_layer=3)
+    model = _randomised(tg.GPT(h))
+    ids = torch.randint(0, 64, (2, 16))
+    b = model.blocks
+    x0 = tg.rms_norm(model.smear(model.tok_emb(ids), ids))
+    x1 = b[0](x0, x0)
+    x2 = b[1](x1, x0)
+    x3 = b[2](x2, x0, x2, model.skip_weights[0], model.skip_gates[0])
+    lane0, lane1 = b[3](x3, x0, x1, model.skip_weights[1], model.skip_gates[1], lane1=x3)
+    lane0, lane1 = b[4](lane0, x0, lane1=lane1)
+    assert torch.allclose(model.hidden_states(ids), tg.rms_norm(0.5 * (lane0 + lane1)))

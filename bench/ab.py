@@ -9,7 +9,8 @@ The first variant is the baseline A; every other one is a B compared against it.
 the order seed 1 (all variants), seed 2 (all variants), ... so that a cut-short call still
 leaves complete pairs; with --gpus, one run per GPU at a time. Each run works in
 OUT/<variant>_s<seed>/ (log, submission.json, artifact); the table is printed and written to
-OUT/summary.txt. --report only re-reads OUT. A fixed-step run needs ITERATIONS and a
+OUT/summary.txt ("gap": quantized - EMA, for changes to the quantization alone). --report
+only re-reads OUT. A fixed-step run needs ITERATIONS and a
 MAX_WALLCLOCK_SECONDS far past what the steps take (the schedule then follows the steps).
 """
 
@@ -68,6 +69,15 @@ def run_all(out: Path, variants: dict, seeds: list[int], common: dict, gpus: lis
         t.join()
 
 
+def stage(result: dict, key: str) -> float | None:
+    """A val_bpb stage of a run, or "gap": quantized - EMA, what the quantization alone costs;
+    its B - A is free of the training noise that the other stages carry."""
+    stages = result["val_bpb_stages"]
+    if key == "gap":
+        return stages["quantized"] - stages["ema"] if "quantized" in stages and "ema" in stages else None
+    return stages.get(key)
+
+
 def load(out: Path, name: str, seed: int) -> dict | None:
     path = out / f"{name}_s{seed}" / "submission.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -88,12 +98,12 @@ def report(out: Path, variants: list[str], seeds: list[int]) -> str:
                 lines.append(f"  {name} seed {s}: steps {r['steps']} {stages} | tok/s {tps.get('before_looping', 0):,} / {tps.get('looping', 0):,} | bytes {r['artifact_bytes']['total']:,}")
     for name in variants[1:]:
         lines.append(f"{name} - {base}:")
-        for k in STAGES:
+        for k in (*STAGES, "gap"):
             diffs = []
             for s in seeds:
                 a, b = results[base, s], results[name, s]
-                if a and b and k in a["val_bpb_stages"] and k in b["val_bpb_stages"]:
-                    diffs.append(b["val_bpb_stages"][k] - a["val_bpb_stages"][k])
+                if a and b and stage(a, k) is not None and stage(b, k) is not None:
+                    diffs.append(stage(b, k) - stage(a, k))
             if diffs:
                 per_seed = ", ".join(f"{d:+.5f}" for d in diffs)
                 lines.append(f"  {k:9s} mean {statistics.mean(diffs):+.5f}  per seed [{per_seed}]")

@@ -1,0 +1,38 @@
+"""bench/ab.py's report: the differences every A/B table in the README comes from."""
+
+import importlib.util
+import json
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("ab", ROOT / "bench" / "ab.py")
+ab = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ab)
+
+
+def _result(out, name, seed, ema, quantized, tok_s=1000):
+    run = out / f"{name}_s{seed}"
+    run.mkdir(parents=True)
+    summary = dict(steps=100, val_bpb_stages=dict(raw=ema - 0.01, ema=ema, quantized=quantized), train_tokens_per_second=dict(before_looping=tok_s, looping=tok_s // 2), artifact_bytes=dict(total=15_000_000))
+    (run / "submission.json").write_text(json.dumps(summary))
+
+
+def test_report_gives_per_seed_and_mean_differences_and_the_quantization_gap(tmp_path):
+    _result(tmp_path, "base", 1, ema=1.700, quantized=1.702)
+    _result(tmp_path, "base", 2, ema=1.690, quantized=1.693)
+    _result(tmp_path, "b", 1, ema=1.710, quantized=1.711, tok_s=980)  # worse training, smaller gap
+    _result(tmp_path, "b", 2, ema=1.680, quantized=1.682, tok_s=1000)
+    table = ab.report(tmp_path, ["base", "b"], [1, 2])
+    assert "  ema       mean +0.00000  per seed [+0.01000, -0.01000]" in table
+    assert "  quantized mean -0.00100  per seed [+0.00900, -0.01100]" in table
+    assert "  gap       mean -0.00100  per seed [-0.00100, -0.00100]" in table  # (1.711-1.710)-(1.702-1.700), ...
+    assert "  tok/s before_looping -1.0%" in table
+
+
+def test_report_names_a_missing_run_and_compares_the_seeds_that_have_both(tmp_path):
+    _result(tmp_path, "base", 1, ema=1.700, quantized=1.702)
+    _result(tmp_path, "base", 2, ema=1.690, quantized=1.693)
+    _result(tmp_path, "b", 1, ema=1.705, quantized=1.706)
+    table = ab.report(tmp_path, ["base", "b"], [1, 2])
+    assert "  b seed 2: no result" in table
+    assert "  quantized mean +0.00400  per seed [+0.00400]" in table

@@ -24,7 +24,7 @@ ARTIFACT_LIMIT_BYTES = 16_000_000
 TIME_LIMIT_SECONDS = 600.0
 REQUIRED_GAIN_NATS = 0.005
 SIGNIFICANCE = 0.01
-EVAL_STAGES = ("load_artifact", "eval_quantized", "eval_sliding", "eval_ttt")  # what a scoring run does after training
+EVAL_STAGES = ("load_artifact", "eval_quantized", "eval_sliding", "eval_lora_ttt", "eval_ttt")  # what a scoring run does after training
 
 
 class RecordRefused(ValueError):
@@ -124,7 +124,7 @@ def check_runs(runs: list[dict], code: bytes):
 def readme(runs: list[dict], best: dict, t: float, df: float, p: float) -> str:
     losses = [r["val_loss"] for r in runs]
     bpbs = [r["val_bpb"] for r in runs]
-    stages = [k for k in ("raw", "ema", "quantized", "sliding", "ttt") if all(k in r["val_bpb_stages"] for r in runs)]
+    stages = [k for k in ("raw", "ema", "quantized", "sliding", "lora_ttt", "ttt") if all(k in r["val_bpb_stages"] for r in runs)]
     lines = ["# Record submission", "", "| seed | steps | " + " | ".join(f"{k} bpb" for k in stages) + " | val_loss (nats) | train s | eval s | artifact bytes |", "|" + " --- |" * (len(stages) + 6)]
     for r in runs:
         cells = [str(r["seed"]), str(r["steps"])] + [f"{r['val_bpb_stages'][k]:.5f}" for k in stages]

@@ -161,6 +161,13 @@ class Hyperparameters:
     ttt_epochs: int = _param(3, lo=0)
     ttt_batch_seqs: int = _param(16, lo=1)  # global sequences per TTT optimizer step
     ttt_grad_clip: float = _param(1.0, lo=0)
+    lora_ttt: bool = _param(False)  # per-document LoRA test-time training, scored after the other evaluations
+    lora_ttt_rank: int = _param(80, lo=1)
+    lora_ttt_alpha: float = _param(144.0, lo=0, lo_open=True)  # adapters' outputs scaled by alpha / rank
+    lora_ttt_lr: float = _param(1e-4, lo=0)
+    lora_ttt_wd: float = _param(0.5, lo=0)
+    lora_ttt_chunk_tokens: int = _param(48, lo=1)  # a document is scored this many targets at a time, one AdamW step after each
+    lora_ttt_batch_docs: int = _param(64, lo=1)  # documents trained side by side, each with its own adapters
 
     @classmethod
     def from_env(cls, environ=None) -> "Hyperparameters":
@@ -214,6 +221,7 @@ class Hyperparameters:
         chunk_seqs = self.ttt_chunk_tokens // self.eval_seq_len
         need(chunk_seqs % self.ttt_batch_seqs == 0, f"TTT_BATCH_SEQS={self.ttt_batch_seqs}: must divide the {chunk_seqs} sequences of a TTT chunk")
         need(self.ttt_batch_seqs % world_size == 0, f"TTT_BATCH_SEQS={self.ttt_batch_seqs}: must be a multiple of world size {world_size}")
+        need(not self.lora_ttt or self.lora_ttt_chunk_tokens <= self.eval_seq_len, f"LORA_TTT_CHUNK_TOKENS={self.lora_ttt_chunk_tokens}: must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
         if self.attention_backend == "fa3":
             need(flash_attn_3 is not None, "ATTENTION_BACKEND=fa3: flash_attn_interface is not importable")
 
@@ -619,6 +627,13 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 GATE_INPUTS = 12  # the attention output gate and the SmearGate read the first 12 channels of their input
 
 
+def lora_delta(x: torch.Tensor, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A LoRA adapter's output for a batch of rows, each with its own adapter:
+    x [R, T, in], A [R, in, r], B [R, r, out] (scale folded in) -> x A B [R, T, out]."""
+    A, B = pair
+    return (x @ A.to(x.dtype)) @ B.to(x.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -638,9 +653,12 @@ class Attention(nn.Module):
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: dict | None = None) -> torch.Tensor:
+        """lora (LoRA TTT only): per-row adapters added to q, k, v and, fed from x, to the output."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.num_heads * self.head_dim, *(2 * [self.num_kv_heads * self.head_dim])], dim=-1)
+        if lora is not None:
+            q, k, v = q + lora_delta(x, lora["q"]), k + lora_delta(x, lora["k"]), v + lora_delta(x, lora["v"])
         q = q.reshape(B, T, self.num_heads, self.head_dim)
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -650,7 +668,8 @@ class Attention(nn.Module):
         y = exclusive_self_attention(causal_attention(q, k, v, self.backend), v)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate_scale * F.linear(x[..., :GATE_INPUTS], self.gate.to(x.dtype)))[..., None]
-        return self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
+        out = self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
+        return out if lora is None else out + lora_delta(x, lora["o"])
 
 
 class MLP(nn.Module):
@@ -659,8 +678,9 @@ class MLP(nn.Module):
         self.fc = nn.Linear(h.model_dim, h.mlp_mult * h.model_dim, bias=False)
         self.proj = nn.Linear(h.mlp_mult * h.model_dim, h.model_dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+    def forward(self, x: torch.Tensor, lora: dict | None = None) -> torch.Tensor:
+        out = self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+        return out if lora is None else out + lora_delta(x, lora["mlp"])  # a parallel adapter
 
 
 class Block(nn.Module):
@@ -683,22 +703,22 @@ class Block(nn.Module):
         self.lane_mix = nn.Parameter(torch.tensor([[1.1, 1.0, 1.0], [1.1, 1.0, 1.0]])) if self.two_lane else None  # per lane: r, p_attn, p_mlp
         self.register_buffer("norm_scale", torch.tensor(1.0 / math.sqrt(layer + 1)), persistent=False)
 
-    def forward(self, x, x0, skip=None, skip_weight=None, skip_gate=None, lane1=None):
+    def forward(self, x, x0, skip=None, skip_weight=None, skip_gate=None, lane1=None, lora=None):
         dt = x.dtype  # the residual stream's; the small parameters follow it
         if skip is not None:  # U-Net skip: lerp towards the weighted encoder activation
             x = torch.lerp(skip_weight.to(dt) * skip, x, torch.sigmoid(skip_gate).to(dt))
         mix, norm_scale = self.resid_mix.to(dt), self.norm_scale.to(dt)
         x = mix[0] * x + mix[1] * x0
         if self.two_lane:  # returns both lanes
-            a = self.attn_scale.to(dt) * self.attn(rms_norm(x) * norm_scale)
-            m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * norm_scale)
+            a = self.attn_scale.to(dt) * self.attn(rms_norm(x) * norm_scale, lora)
+            m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * norm_scale, lora)
             w = self.lane_mix.to(dt)
             return w[0, 0] * x + w[0, 1] * a + w[0, 2] * m, w[1, 0] * lane1 + w[1, 1] * a + w[1, 2] * m
         if self.parallel:
             n = rms_norm(x) * norm_scale
-            return x + self.attn_scale.to(dt) * self.attn(n) + self.mlp_scale.to(dt) * self.mlp(n)
-        x = x + self.attn_scale.to(dt) * self.attn(rms_norm(x) * norm_scale)
-        return x + self.mlp_scale.to(dt) * self.mlp(rms_norm(x) * norm_scale)
+            return x + self.attn_scale.to(dt) * self.attn(n, lora) + self.mlp_scale.to(dt) * self.mlp(n, lora)
+        x = x + self.attn_scale.to(dt) * self.attn(rms_norm(x) * norm_scale, lora)
+        return x + self.mlp_scale.to(dt) * self.mlp(rms_norm(x) * norm_scale, lora)
 
 
 def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
@@ -844,9 +864,10 @@ class GPT(nn.Module):
         h = self.h
         return virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops if self.looping else 0)
 
-    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, ids: torch.Tensor, adapters: "DocumentAdapters | None" = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, C]. The first half of the virtual layers push their
-        outputs on a stack; the second half pop them as U-Net skips."""
+        outputs on a stack; the second half pop them as U-Net skips. adapters: LoRA TTT's, one
+        set per row and virtual layer."""
         x = self.tok_emb(ids)
         if self.smear is not None:
             x = self.smear(x, ids)
@@ -861,10 +882,11 @@ class GPT(nn.Module):
         for i, layer in enumerate(order):
             block = self.blocks[layer]
             skip = (skips.pop(), self.skip_weights[i - num_encoder], self.skip_gates[i - num_encoder]) if i >= num_encoder and skips else ()
+            lora = adapters.layer(i) if adapters is not None else None
             if block.two_lane:  # the second lane starts as a copy of the stream
-                x, lane1 = block(x, x0, *skip, lane1=x if lane1 is None else lane1)
+                x, lane1 = block(x, x0, *skip, lane1=x if lane1 is None else lane1, lora=lora)
             else:
-                x = block(x, x0, *skip)
+                x = block(x, x0, *skip, lora=lora)
             if i < num_encoder:
                 skips.append(x)
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
@@ -2040,6 +2062,138 @@ def _ttt_train_chunk(model, optimizer, tokens, first_target, chunk, seq_len, lr,
     return ttt.epochs * -(-num_seqs // ttt.batch_seqs)
 
 
+def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
+    """The validation stream's documents as target ranges [first, end): a document starts at its
+    BOS and its targets run up to and including the next document's BOS (target k is token k+1,
+    predicted from tokens <= k). Together the ranges cover every target once."""
+    num_targets = len(tokens) - 1
+    starts = sorted({0, *torch.nonzero(tokens[:num_targets] == BOS_ID).flatten().tolist()})
+    return list(zip(starts, [*starts[1:], num_targets]))
+
+
+class DocumentAdapters(nn.Module):
+    """LoRA TTT's adapters for a batch of documents, one set per document: on every virtual
+    layer's q, k, v, attention output ("o", fed from the attention's input) and MLP (parallel),
+    and on the tied head. Every document starts from the same A (uniform in +-1/sqrt(in), fixed
+    seed) and B = 0, so the adapters start as the identity and no document's adapters depend on
+    another's."""
+
+    def __init__(self, model: GPT, num_docs: int, rank: int, alpha: float):
+        super().__init__()
+        h = model.h
+        kv = h.num_kv_heads * (h.model_dim // h.num_heads)
+        self.outputs = dict(q=h.model_dim, k=kv, v=kv, o=h.model_dim, mlp=h.model_dim)
+        layers = len(model.layer_order())
+        generator = torch.Generator().manual_seed(0)
+        device = model.tok_emb.weight.device
+
+        def a_init(*shape):  # one A for every document
+            bound = 1 / math.sqrt(h.model_dim)
+            return nn.Parameter(((2 * torch.rand(*shape, generator=generator) - 1) * bound).to(device).expand(num_docs, *shape).clone())
+
+        self.A = nn.ParameterDict({t: a_init(layers, h.model_dim, rank) for t in self.outputs})
+        self.B = nn.ParameterDict({t: nn.Parameter(torch.zeros(num_docs, layers, rank, n, device=device)) for t, n in self.outputs.items()})
+        self.head_A = a_init(h.model_dim, rank)
+        self.head_B = nn.Parameter(torch.zeros(num_docs, rank, h.vocab_size, device=device))
+        self.scale = alpha / rank
+
+    def layer(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {t: (self.A[t][:, i], self.B[t][:, i] * self.scale) for t in self.outputs}
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head_A, self.head_B * self.scale
+
+
+def _adapted_token_nll(model: GPT, adapters: DocumentAdapters, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL [R, T] of the model with the adapters (the head's added to the logits
+    before the softcap), differentiable in the adapters."""
+    hidden = model.hidden_states(x, adapters)
+    logits = F.linear(hidden, model.tok_emb.weight.to(hidden.dtype)) + lora_delta(hidden, adapters.head())
+    return softcap_cross_entropy(logits.flatten(0, 1), y.flatten(), model.h.logit_softcap).view(y.shape)
+
+
+class BatchQueue:
+    """Hands out batch numbers 0, 1, ... to whichever rank asks next, through an atomic counter
+    in the process group's key-value store; a rank that gets one past the end is done."""
+
+    _calls = 0
+
+    def __init__(self, num_batches: int, rt: Runtime):
+        self.num_batches, self.rt, self.next = num_batches, rt, 0
+        BatchQueue._calls += 1  # a fresh counter per evaluation (every rank counts alike)
+        self.key = f"lora_ttt_batches_{BatchQueue._calls}"
+
+    def claim(self) -> int | None:
+        if self.rt.distributed:
+            number = dist.distributed_c10d._get_default_store().add(self.key, 1) - 1
+        else:
+            number, self.next = self.next, self.next + 1
+        return number if number < self.num_batches else None
+
+
+def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: Runtime, return_token_nll=False, trace=None) -> EvalResult:
+    """Per-document LoRA test-time training. Documents, longest first, go in batches of
+    LORA_TTT_BATCH_DOCS to whichever rank claims the batch next. Each document is scored
+    LORA_TTT_CHUNK_TOKENS targets at a time, from at most EVAL_SEQ_LEN tokens of its own prefix
+    (never another document's); the forward that scores a chunk also gives the loss of one
+    AdamW step on that document's adapters, taken after the chunk's scores are counted (none
+    after its last chunk). The model's weights stay as they are. `trace`, if a list, records
+    ("score"|"train", document, first_target, end_target) events for tests."""
+    t0 = time.perf_counter()
+    seq_len, chunk = h.eval_seq_len, h.lora_ttt_chunk_tokens
+    docs = sorted(document_spans(tokens), key=lambda d: d[0] - d[1])  # longest first
+    batches = [docs[b : b + h.lora_ttt_batch_docs] for b in range(0, len(docs), h.lora_ttt_batch_docs)]
+    acc = _Accumulator(rt.device, len(tokens) - 1 if return_token_nll else None)
+    tokens, target_bytes = tokens.to(rt.device), target_bytes.to(rt.device)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    queue, train_steps = BatchQueue(len(batches), rt), 0
+    while (number := queue.claim()) is not None:
+        batch = batches[number]
+        adapters = DocumentAdapters(model, len(batch), h.lora_ttt_rank, h.lora_ttt_alpha)
+        optimizer = torch.optim.AdamW(adapters.parameters(), lr=h.lora_ttt_lr, betas=(0.0, 0.999), eps=1e-10, weight_decay=h.lora_ttt_wd)
+        for c in range(math.ceil((batch[0][1] - batch[0][0]) / chunk)):
+            spans = []  # per document: window start, first and end target of this chunk (all equal once done)
+            for first, end in batch:
+                a = min(first + c * chunk, end)
+                b = min(a + chunk, end)
+                spans.append((max(first, b - seq_len) if b > a else b, a, b))
+            width = min(seq_len, -(-max(b - w for w, _, b in spans) // 64) * 64)  # few distinct shapes for the compiled blocks
+            x = torch.zeros(len(batch), width, dtype=torch.int64, device=rt.device)
+            y = torch.zeros_like(x)
+            scored = torch.zeros(len(batch), width, dtype=torch.bool, device=rt.device)
+            for row, (w, a, b) in enumerate(spans):  # left-aligned; the padding after b is causally invisible
+                x[row, : b - w], y[row, : b - w] = tokens[w:b], tokens[w + 1 : b + 1]
+                scored[row, a - w : b - w] = True
+            with autocast(rt.device):
+                nll = _adapted_token_nll(model, adapters, x, y).float()
+            with torch.no_grad():  # the chunk's scores are counted before any step uses them
+                acc.nll += nll[scored].double().sum()
+                acc.count += scored.sum()
+                for row, (w, a, b) in enumerate(spans):
+                    acc.bytes += target_bytes[a:b].double().sum()
+                    if acc.token_nll is not None:
+                        acc.token_nll[a:b] = nll[row, a - w : b - w].double().cpu()
+                    if trace is not None and b > a:
+                        trace.append(("score", batch[row][0], a, b))
+            more = [a < b < end for (_, a, b), (_, end) in zip(spans, batch)]  # no step after a document's last chunk
+            if not any(more):
+                continue
+            per_doc = (nll * scored).sum(1) / scored.sum(1).clamp_min(1)  # each document's mean over its chunk
+            optimizer.zero_grad(set_to_none=False)
+            (per_doc * torch.tensor(more, device=rt.device)).sum().backward()  # each document's gradient is its own
+            optimizer.step()
+            train_steps += 1
+            if trace is not None:
+                trace.extend(("train", batch[row][0], a, b) for row, (_, a, b) in enumerate(spans) if more[row])
+    for p in frozen:
+        p.requires_grad_(True)
+    for t in (acc.nll, acc.bytes, acc.count):
+        all_reduce(t)
+    return EvalResult(acc.nll.item(), acc.bytes.item(), int(acc.count.item()), time.perf_counter() - t0, acc.token_nll, [], train_steps)
+
+
 # ---------------------------------------------------------------------------------------------
 # 10. Main
 # ---------------------------------------------------------------------------------------------
@@ -2072,13 +2226,20 @@ def load_artifact_model(h: Hyperparameters, rt: Runtime, log: Logger) -> tuple[G
 
 
 def run_evaluations(model, val_tokens, target_bytes, h, rt, log, timer, results: dict):
-    """Quantized (plain), sliding-window and score-first TTT evaluation of the loaded artifact."""
+    """Quantized (plain), sliding-window, per-document LoRA TTT and score-first TTT evaluation of
+    the loaded artifact. LoRA TTT leaves the weights as they are; the score-first TTT, which
+    trains them on the whole validation set as it goes, comes last."""
     stages = [("quantized", None, None), ("sliding", h.eval_stride, None)]
+    if h.lora_ttt:
+        stages.append(("lora_ttt", None, None))
     if h.ttt_enabled:
         stages.append(("ttt", h.eval_stride, TTTConfig(h.ttt_chunk_tokens, h.ttt_lr, h.ttt_momentum, h.ttt_epochs, h.ttt_batch_seqs, h.ttt_grad_clip)))
     for name, stride, ttt in stages:
         with timer(f"eval_{name}"):
-            r = evaluate(model, val_tokens, target_bytes, h.eval_seq_len, stride, h.eval_batch_seqs, rt, ttt)
+            if name == "lora_ttt":
+                r = evaluate_lora_ttt(model, val_tokens, target_bytes, h, rt)
+            else:
+                r = evaluate(model, val_tokens, target_bytes, h.eval_seq_len, stride, h.eval_batch_seqs, rt, ttt)
         results[name] = r
         log(f"eval {name}: val_loss {r.loss:.5f} val_bpb {r.bpb:.5f} ({r.tokens:,} tokens, {r.byte_sum:,.0f} bytes, {r.seconds:.1f}s, {r.tokens / r.seconds:,.0f} tok/s)")
         if len(r.chunk_seconds) > 2:  # steady state: leave out the first chunk (compiles) and the last (partial)
@@ -2179,17 +2340,18 @@ def run(h: Hyperparameters, rt: Runtime, log: Logger):
     run_evaluations(model, val_tokens, target_bytes, h, rt, log, timer, results)
     if "ema" in results:
         log(f"quantization gap: {results['quantized'].bpb - results['ema'].bpb:+.5f} bpb (quantized - EMA)")
-    final = results["ttt" if "ttt" in results else "sliding"]
+    final_stage = next(k for k in ("lora_ttt", "ttt", "sliding") if k in results)
+    final = results[final_stage]
     summary.update(
         val_bpb=round(final.bpb, 6),
         val_loss=round(final.loss, 6),
         val_bpb_stages={k: round(v.bpb, 6) for k, v in results.items()},
-        eval_seconds={k: round(v.seconds, 2) for k, v in results.items() if k in ("quantized", "sliding", "ttt")},
+        eval_seconds={k: round(v.seconds, 2) for k, v in results.items() if k in ("quantized", "sliding", "lora_ttt", "ttt")},
         stage_seconds={k: round(v, 2) for k, v in timer.seconds.items()},
     )
     if rt.is_main:
         Path("submission.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"final val_bpb {final.bpb:.5f} ({'ttt' if 'ttt' in results else 'sliding'})")
+    log(f"final val_bpb {final.bpb:.5f} ({final_stage})")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("raw", "ema", "quantized", "sliding", "ttt")
+STAGES = ("raw", "ema", "quantized", "sliding", "lora_ttt", "ttt")
 
 
 def parse_env(text: str) -> dict:

@@ -1,0 +1,133 @@
+"""Per-document LoRA TTT: every target scored once, from its own document's prefix only; each
+AdamW step uses only targets already counted; documents never see each other; ranks agree."""
+
+import math
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import tiny_hyperparameters
+from distributed import run_distributed
+from test_eval import SEQ, _model, _stream
+
+CHUNK = 8
+
+
+def _h(**overrides):
+    values = dict(eval_seq_len=SEQ, lora_ttt=True, lora_ttt_rank=4, lora_ttt_alpha=8.0, lora_ttt_lr=0.05, lora_ttt_wd=0.0, lora_ttt_chunk_tokens=CHUNK, lora_ttt_batch_docs=3)
+    return tiny_hyperparameters(**{**values, **overrides})
+
+
+def _documents(tiny_data):
+    tokens, tables = _stream(tiny_data, windows=12)
+    docs = tg.document_spans(tokens)
+    assert len(docs) >= 4 and max(e - s for s, e in docs) > SEQ  # several batches, and a document longer than the context
+    return tokens, tables, docs
+
+
+def _lora(tokens, tables, rt, h=None, model=None, **kw):
+    return tg.evaluate_lora_ttt(model or _model(), tokens, tg.validation_target_bytes(tokens, tables), h or _h(), rt, **kw)
+
+
+CPU = tg.Runtime(0, 1, 0, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def learned(tiny_data):
+    """One learning run, shared: (tokens, tables, documents, result with per-target scores, trace)."""
+    tokens, tables, docs = _documents(tiny_data)
+    trace = []
+    return tokens, tables, docs, _lora(tokens, tables, CPU, return_token_nll=True, trace=trace), trace
+
+
+def test_document_spans_start_at_bos_and_cover_every_target_once(tiny_data):
+    tokens, _, docs = _documents(tiny_data)
+    assert docs[0][0] == 0 and docs[-1][1] == len(tokens) - 1
+    assert all(a[1] == b[0] for a, b in zip(docs, docs[1:]))
+    assert all(tokens[s] == tg.BOS_ID for s, _ in docs)
+
+
+def test_every_target_scored_once_and_bytes_match(learned):
+    tokens, tables, _, r, _ = learned
+    assert r.tokens == len(tokens) - 1 and not torch.isnan(r.token_nll).any()
+    assert math.isclose(r.nll_sum, r.token_nll.sum().item(), rel_tol=1e-9)
+    assert r.byte_sum == tables.target_bytes(tokens[:-1], tokens[1:]).sum().item()
+
+
+def test_without_learning_each_target_is_scored_from_its_own_document_prefix(tiny_data, cpu_runtime):
+    """LR 0: the adapters stay the identity, and every score equals the model's prediction from
+    its own document's tokens in the window that ends with the target's chunk (<= SEQ tokens; as
+    a sliding window with stride CHUNK), computed one target at a time (float64, which autocast
+    leaves alone, so that batching and padding show up only as rounding)."""
+    tokens, tables, docs = _documents(tiny_data)
+    model = _model().double()
+    r = _lora(tokens, tables, cpu_runtime, h=_h(lora_ttt_lr=0.0), model=model, return_token_nll=True)
+    expected = torch.empty(len(tokens) - 1, dtype=torch.float64)
+    with torch.no_grad():
+        for first, end in docs:
+            for k in range(first, end):
+                chunk_end = min(first + ((k - first) // CHUNK + 1) * CHUNK, end)
+                window = tokens[max(first, chunk_end - SEQ) : k + 1][None]
+                expected[k] = model.token_nll(model.hidden_states(window)[:, -1:], tokens[k + 1 : k + 2][None]).double().item()
+    torch.testing.assert_close(r.token_nll, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_steps_use_only_scored_chunks_of_their_own_document_and_none_after_the_last(learned):
+    _, _, docs, r, trace = learned
+    scored = {first: first for first, _ in docs}  # per document: targets scored so far end here
+    trained = []
+    for event, doc, a, b in trace:
+        if event == "score":
+            assert a == scored[doc], "a document's chunks are scored in order, none skipped"
+            scored[doc] = b
+        else:
+            assert b == scored[doc], "a step uses exactly the chunk just scored"
+            trained.append((doc, a, b))
+    assert all(scored[first] == end for first, end in docs)
+    ends = dict(docs)
+    assert all(b < ends[doc] for doc, _, b in trained)  # never a step after a document's last chunk
+    assert len(trained) == sum(math.ceil((e - s) / CHUNK) - 1 for s, e in docs) and r.train_steps > 0
+
+
+def test_learning_changes_only_later_chunks(learned, cpu_runtime):
+    tokens, tables, docs, r, _ = learned
+    frozen = _lora(tokens, tables, cpu_runtime, h=_h(lora_ttt_lr=0.0), return_token_nll=True).token_nll
+    for first, end in docs:
+        assert torch.equal(r.token_nll[first : first + CHUNK], frozen[first : first + CHUNK])  # scored before any step
+    assert not torch.allclose(r.token_nll, frozen)
+
+
+def test_changing_one_document_changes_no_other_document_nor_its_own_past(learned, cpu_runtime):
+    tokens, tables, docs, r, _ = learned
+    base = r.token_nll
+    first, end = max(docs, key=lambda d: d[1] - d[0])  # the longest: several chunks, a step after each
+    t = first + CHUNK + 3  # inside its second chunk
+    changed = tokens.clone()
+    changed[t + 1 : end] = torch.where(changed[t + 1 : end] == tg.BOS_ID, changed[t + 1 : end], (changed[t + 1 : end] * 7 + 3) % 300 + 2)  # never a BOS
+    assert not torch.equal(changed, tokens)
+    nll = _lora(changed, tables, cpu_runtime, return_token_nll=True).token_nll
+    assert torch.equal(nll[: t], base[: t]) and torch.equal(nll[end:], base[end:]), "a score outside the changed document's future moved"
+    assert not torch.equal(nll[t:end], base[t:end])
+
+
+def _lora_on_rank(rank, world_size, tokens, tables):
+    rt = tg.Runtime(rank, world_size, 0, torch.device("cpu"))
+    r = _lora(tokens, tables, rt, model=_model().double())
+    return r.nll_sum, r.byte_sum, r.tokens
+
+
+def test_two_ranks_give_the_same_totals(tiny_data, cpu_runtime):
+    """The ranks claim batches from a shared counter; whichever rank scores a document, its
+    scores are the same, so only the order of summation differs."""
+    tokens, tables, _ = _documents(tiny_data)
+    single = _lora(tokens, tables, cpu_runtime, model=_model().double())
+    for nll, nbytes, count in run_distributed(_lora_on_rank, 2, tokens, tables):
+        assert count == single.tokens and nbytes == single.byte_sum
+        assert nll == pytest.approx(single.nll_sum, rel=1e-9)
+
+
+def test_batch_queue_hands_out_every_batch_once():
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"))
+    queue = tg.BatchQueue(3, rt)
+    assert [queue.claim() for _ in range(5)] == [0, 1, 2, None, None]

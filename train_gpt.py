@@ -2087,18 +2087,20 @@ class DocumentAdapters(nn.Module):
         generator = torch.Generator().manual_seed(0)
         device = model.tok_emb.weight.device
 
-        def a_init(*shape):  # one A for every document
-            bound = 1 / math.sqrt(h.model_dim)
-            return nn.Parameter(((2 * torch.rand(*shape, generator=generator) - 1) * bound).to(device).expand(num_docs, *shape).clone())
+        def a_init():  # one A for every document
+            A = (2 * torch.rand(h.model_dim, rank, generator=generator) - 1) / math.sqrt(h.model_dim)
+            return nn.Parameter(A.to(device).expand(num_docs, -1, -1).clone())
 
-        self.A = nn.ParameterDict({t: a_init(layers, h.model_dim, rank) for t in self.outputs})
-        self.B = nn.ParameterDict({t: nn.Parameter(torch.zeros(num_docs, layers, rank, n, device=device)) for t, n in self.outputs.items()})
-        self.head_A = a_init(h.model_dim, rank)
+        # one tensor per virtual layer and target (contiguous inputs for the compiled blocks)
+        names = [f"{t}_{i}" for i in range(layers) for t in self.outputs]
+        self.A = nn.ParameterDict({n: a_init() for n in names})
+        self.B = nn.ParameterDict({n: nn.Parameter(torch.zeros(num_docs, rank, self.outputs[n.split("_")[0]], device=device)) for n in names})
+        self.head_A = a_init()
         self.head_B = nn.Parameter(torch.zeros(num_docs, rank, h.vocab_size, device=device))
         self.scale = alpha / rank
 
     def layer(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {t: (self.A[t][:, i], self.B[t][:, i] * self.scale) for t in self.outputs}
+        return {t: (self.A[f"{t}_{i}"], self.B[f"{t}_{i}"] * self.scale) for t in self.outputs}
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head_A, self.head_B * self.scale
@@ -2159,7 +2161,7 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
                 a = min(first + c * chunk, end)
                 b = min(a + chunk, end)
                 spans.append((max(first, b - seq_len) if b > a else b, a, b))
-            width = min(seq_len, -(-max(b - w for w, _, b in spans) // 64) * 64)  # few distinct shapes for the compiled blocks
+            width = min(seq_len, max(64, 1 << (max(b - w for w, _, b in spans) - 1).bit_length()))  # powers of two: few shapes to compile
             x = torch.zeros(len(batch), width, dtype=torch.int64, device=rt.device)
             y = torch.zeros_like(x)
             scored = torch.zeros(len(batch), width, dtype=torch.bool, device=rt.device)

@@ -2092,9 +2092,8 @@ class DocumentAdapters(nn.Module):
             return nn.Parameter(A.to(device).expand(num_docs, -1, -1).clone())
 
         # one tensor per virtual layer and target (contiguous inputs for the compiled blocks)
-        names = [f"{t}_{i}" for i in range(layers) for t in self.outputs]
-        self.A = nn.ParameterDict({n: a_init() for n in names})
-        self.B = nn.ParameterDict({n: nn.Parameter(torch.zeros(num_docs, rank, self.outputs[n.split("_")[0]], device=device)) for n in names})
+        self.A = nn.ParameterDict({f"{t}_{i}": a_init() for i in range(layers) for t in self.outputs})
+        self.B = nn.ParameterDict({f"{t}_{i}": nn.Parameter(torch.zeros(num_docs, rank, out, device=device)) for i in range(layers) for t, out in self.outputs.items()})
         self.head_A = a_init()
         self.head_B = nn.Parameter(torch.zeros(num_docs, rank, h.vocab_size, device=device))
         self.scale = alpha / rank
@@ -2147,14 +2146,15 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     batches = [docs[b : b + h.lora_ttt_batch_docs] for b in range(0, len(docs), h.lora_ttt_batch_docs)]
     acc = _Accumulator(rt.device, len(tokens) - 1 if return_token_nll else None)
     tokens, target_bytes = tokens.to(rt.device), target_bytes.to(rt.device)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
+    weights = [p for p in model.parameters() if p.requires_grad]  # frozen here: only the adapters learn
+    for p in weights:
         p.requires_grad_(False)
     queue, train_steps = BatchQueue(len(batches), rt), 0
     while (number := queue.claim()) is not None:
         batch = batches[number]
         adapters = DocumentAdapters(model, len(batch), h.lora_ttt_rank, h.lora_ttt_alpha)
         optimizer = torch.optim.AdamW(adapters.parameters(), lr=h.lora_ttt_lr, betas=(0.0, 0.999), eps=1e-10, weight_decay=h.lora_ttt_wd)
+        acc.bytes += sum(target_bytes[first:end].double().sum() for first, end in batch)  # every target of the batch gets scored
         for c in range(math.ceil((batch[0][1] - batch[0][0]) / chunk)):
             spans = []  # per document: window start, first and end target of this chunk (all equal once done)
             for first, end in batch:
@@ -2174,7 +2174,6 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
                 acc.nll += nll[scored].double().sum()
                 acc.count += scored.sum()
                 for row, (w, a, b) in enumerate(spans):
-                    acc.bytes += target_bytes[a:b].double().sum()
                     if acc.token_nll is not None:
                         acc.token_nll[a:b] = nll[row, a - w : b - w].double().cpu()
                     if trace is not None and b > a:
@@ -2189,7 +2188,7 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
             train_steps += 1
             if trace is not None:
                 trace.extend(("train", batch[row][0], a, b) for row, (_, a, b) in enumerate(spans) if more[row])
-    for p in frozen:
+    for p in weights:
         p.requires_grad_(True)
     for t in (acc.nll, acc.bytes, acc.count):
         all_reduce(t)
@@ -2231,17 +2230,17 @@ def run_evaluations(model, val_tokens, target_bytes, h, rt, log, timer, results:
     """Quantized (plain), sliding-window, per-document LoRA TTT and score-first TTT evaluation of
     the loaded artifact. LoRA TTT leaves the weights as they are; the score-first TTT, which
     trains them on the whole validation set as it goes, comes last."""
-    stages = [("quantized", None, None), ("sliding", h.eval_stride, None)]
+    def windows(stride, ttt=None):
+        return lambda: evaluate(model, val_tokens, target_bytes, h.eval_seq_len, stride, h.eval_batch_seqs, rt, ttt)
+
+    stages = [("quantized", windows(None)), ("sliding", windows(h.eval_stride))]
     if h.lora_ttt:
-        stages.append(("lora_ttt", None, None))
+        stages.append(("lora_ttt", lambda: evaluate_lora_ttt(model, val_tokens, target_bytes, h, rt)))
     if h.ttt_enabled:
-        stages.append(("ttt", h.eval_stride, TTTConfig(h.ttt_chunk_tokens, h.ttt_lr, h.ttt_momentum, h.ttt_epochs, h.ttt_batch_seqs, h.ttt_grad_clip)))
-    for name, stride, ttt in stages:
+        stages.append(("ttt", windows(h.eval_stride, TTTConfig(h.ttt_chunk_tokens, h.ttt_lr, h.ttt_momentum, h.ttt_epochs, h.ttt_batch_seqs, h.ttt_grad_clip))))
+    for name, score in stages:
         with timer(f"eval_{name}"):
-            if name == "lora_ttt":
-                r = evaluate_lora_ttt(model, val_tokens, target_bytes, h, rt)
-            else:
-                r = evaluate(model, val_tokens, target_bytes, h.eval_seq_len, stride, h.eval_batch_seqs, rt, ttt)
+            r = score()
         results[name] = r
         log(f"eval {name}: val_loss {r.loss:.5f} val_bpb {r.bpb:.5f} ({r.tokens:,} tokens, {r.byte_sum:,.0f} bytes, {r.seconds:.1f}s, {r.tokens / r.seconds:,.0f} tok/s)")
         if len(r.chunk_seconds) > 2:  # steady state: leave out the first chunk (compiles) and the last (partial)

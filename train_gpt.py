@@ -154,20 +154,22 @@ class Hyperparameters:
     eval_seq_len: int = _param(2048, lo=2)
     eval_stride: int = _param(64, lo=1)
     eval_batch_seqs: int = _param(32, lo=1)
-    ttt_enabled: bool = _param(True)
+    ttt_enabled: bool = _param(False)  # score-first TTT of all weights; superseded by LoRA TTT (README)
     ttt_chunk_tokens: int = _param(32768, lo=1)
     ttt_lr: float = _param(0.005, lo=0)
     ttt_momentum: float = _param(0.9, lo=0, hi=0.9999)
     ttt_epochs: int = _param(3, lo=0)
     ttt_batch_seqs: int = _param(16, lo=1)  # global sequences per TTT optimizer step
     ttt_grad_clip: float = _param(1.0, lo=0)
-    lora_ttt: bool = _param(False)  # per-document LoRA test-time training, scored after the other evaluations
+    lora_ttt: bool = _param(True)  # per-document LoRA test-time training: the final score when on
     lora_ttt_rank: int = _param(80, lo=1)
     lora_ttt_alpha: float = _param(144.0, lo=0, lo_open=True)  # adapters' outputs scaled by alpha / rank
     lora_ttt_lr: float = _param(1e-4, lo=0)
     lora_ttt_wd: float = _param(0.5, lo=0)
     lora_ttt_chunk_tokens: int = _param(48, lo=1)  # a document is scored this many targets at a time, one AdamW step after each
     lora_ttt_batch_docs: int = _param(64, lo=1)  # documents trained side by side, each with its own adapters
+    ngram_tilt_beta: float = _param(1.0, lo=0)  # LoRA TTT's scores: the n-gram hint's probability raised by e^beta, renormalised; 0: off
+    ngram_tilt_order: int = _param(3, lo=1, hi=4)  # the hint follows the last earlier occurrence of this many tokens in the document
 
     @classmethod
     def from_env(cls, environ=None) -> "Hyperparameters":
@@ -722,9 +724,12 @@ class Block(nn.Module):
 
 
 def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
-    """Per-row cross-entropy of logits [N, V] softcapped at c: c * tanh(z / c), in fp32."""
-    logits = softcap * torch.tanh(logits.float() / softcap)
-    return F.cross_entropy(logits, targets, reduction="none")
+    """Per-row cross-entropy of logits [N, V] softcapped at c: c * tanh(z / c), in fp32 at least."""
+    return F.cross_entropy(softcapped(logits, softcap), targets, reduction="none")
+
+
+def softcapped(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    return softcap * torch.tanh(logits.to(torch.promote_types(logits.dtype, torch.float32)) / softcap)
 
 
 if triton is not None:
@@ -1926,6 +1931,11 @@ class EvalResult:
     token_nll: torch.Tensor | None = None  # per target, when asked for (tests; single rank)
     chunk_seconds: list = field(default_factory=list)  # (scoring, training) seconds per chunk
     train_steps: int = 0
+    untilted_nll_sum: float | None = None  # LoRA TTT with the n-gram tilt: the same scores untilted
+
+    @property
+    def untilted_bpb(self) -> float:
+        return self.untilted_nll_sum / math.log(2) / self.byte_sum
 
     @property
     def loss(self) -> float:
@@ -1961,6 +1971,7 @@ class _Accumulator:
         self.nll = torch.zeros((), dtype=torch.float64, device=device)
         self.bytes = torch.zeros((), dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.untilted_nll = torch.zeros((), dtype=torch.float64, device=device)  # LoRA TTT's scores without the n-gram tilt
         self.token_nll = None if num_targets is None else torch.full((num_targets,), float("nan"), dtype=torch.float64)
 
 
@@ -2071,14 +2082,37 @@ def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], num_targets]))
 
 
-class DocumentAdapters(nn.Module):
-    """LoRA TTT's adapters for a batch of documents, one set per document: on every virtual
-    layer's q, k, v, attention output ("o", fed from the attention's input) and MLP (parallel),
-    and on the tied head. Every document starts from the same A (uniform in +-1/sqrt(in), fixed
-    seed) and B = 0, so the adapters start as the identity and no document's adapters depend on
-    another's."""
+def ngram_hints(doc: np.ndarray, order: int) -> np.ndarray:
+    """For each target k of a document (its inputs doc[0..k], BOS first), the token that followed
+    the most recent earlier occurrence of the `order` tokens doc[k-order+1..k] inside the
+    document, or -1 where there is none. A hint reads only the target's own prefix."""
+    hints = np.full(len(doc), -1, dtype=np.int64)
+    if len(doc) <= order:
+        return hints
+    ends = np.arange(order - 1, len(doc))  # n-grams by their last position
+    codes = sum(doc[ends - i].astype(np.int64) << (13 * i) for i in range(order))  # exact: 13 bits per token (vocab <= 8192)
+    by_code = np.lexsort((ends, codes))  # each n-gram's occurrences together, in order of position
+    repeat = codes[by_code[1:]] == codes[by_code[:-1]]
+    later, earlier = ends[by_code[1:][repeat]], ends[by_code[:-1][repeat]]
+    hints[later] = doc[earlier + 1]
+    return hints
 
-    def __init__(self, model: GPT, num_docs: int, rank: int, alpha: float):
+
+def ngram_tilt(nll: torch.Tensor, hint_logp: torch.Tensor, hit: torch.Tensor, has_hint: torch.Tensor, beta: float) -> torch.Tensor:
+    """-log p'(y) for p'(t) = p(t) e^(beta [t = hint]) / Z, Z = 1 + p(hint) (e^beta - 1): the full
+    distribution tilted towards the hint and renormalised (unchanged where there is no hint)."""
+    tilted = nll - beta * hit.float() + torch.log1p(hint_logp.exp() * math.expm1(beta))
+    return torch.where(has_hint, tilted, nll)
+
+
+class DocumentAdapters(nn.Module):
+    """LoRA TTT's adapters for `rows` documents at a time, one set per row: on every virtual
+    layer's q, k, v, attention output ("o", fed from the attention's input) and MLP (parallel),
+    and on the tied head. A row restarts from the same A (uniform in +-1/sqrt(in), fixed seed)
+    and B = 0 whenever a new document takes it, so the adapters start as the identity and no
+    document's adapters depend on another's."""
+
+    def __init__(self, model: GPT, rows: int, rank: int, alpha: float):
         super().__init__()
         h = model.h
         kv = h.num_kv_heads * (h.model_dim // h.num_heads)
@@ -2086,16 +2120,17 @@ class DocumentAdapters(nn.Module):
         layers = len(model.layer_order())
         generator = torch.Generator().manual_seed(0)
         device = model.tok_emb.weight.device
+        self.initial_A = {}
 
-        def a_init():  # one A for every document
-            A = (2 * torch.rand(h.model_dim, rank, generator=generator) - 1) / math.sqrt(h.model_dim)
-            return nn.Parameter(A.to(device).expand(num_docs, -1, -1).clone())
+        def a_init(name):  # one A for every row
+            self.initial_A[name] = ((2 * torch.rand(h.model_dim, rank, generator=generator) - 1) / math.sqrt(h.model_dim)).to(device)
+            return nn.Parameter(self.initial_A[name].expand(rows, -1, -1).clone())
 
         # one tensor per virtual layer and target (contiguous inputs for the compiled blocks)
-        self.A = nn.ParameterDict({f"{t}_{i}": a_init() for i in range(layers) for t in self.outputs})
-        self.B = nn.ParameterDict({f"{t}_{i}": nn.Parameter(torch.zeros(num_docs, rank, out, device=device)) for i in range(layers) for t, out in self.outputs.items()})
-        self.head_A = a_init()
-        self.head_B = nn.Parameter(torch.zeros(num_docs, rank, h.vocab_size, device=device))
+        self.A = nn.ParameterDict({f"{t}_{i}": a_init(f"{t}_{i}") for i in range(layers) for t in self.outputs})
+        self.B = nn.ParameterDict({f"{t}_{i}": nn.Parameter(torch.zeros(rows, rank, out, device=device)) for i in range(layers) for t, out in self.outputs.items()})
+        self.head_A = a_init("head")
+        self.head_B = nn.Parameter(torch.zeros(rows, rank, h.vocab_size, device=device))
         self.scale = alpha / rank
 
     def layer(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -2104,13 +2139,58 @@ class DocumentAdapters(nn.Module):
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head_A, self.head_B * self.scale
 
+    @torch.no_grad()
+    def restart(self, rows: torch.Tensor):
+        """The rows (a boolean mask) back to their initial adapters, for new documents."""
+        for name, A in [*self.A.items(), ("head", self.head_A)]:
+            A[rows] = self.initial_A[name]
+        for B in [*self.B.values(), self.head_B]:
+            B[rows] = 0
 
-def _adapted_token_nll(model: GPT, adapters: DocumentAdapters, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-token NLL [R, T] of the model with the adapters (the head's added to the logits
-    before the softcap), differentiable in the adapters."""
+
+class RowAdamW:
+    """AdamW with beta1 = 0, as LoRA TTT uses it, over tensors whose first dimension is the row
+    (document), with a step count per row so that a row restarts cleanly when a new document
+    takes it: v <- b2 v + (1 - b2) g^2, p <- p (1 - lr wd) - lr g / (sqrt(v / (1 - b2^t)) + eps)."""
+
+    def __init__(self, params, rows: int, lr: float, beta2: float, eps: float, weight_decay: float):
+        self.params = list(params)
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.steps = torch.zeros(rows, dtype=torch.float64, device=self.params[0].device)
+        self.lr, self.beta2, self.eps, self.weight_decay = lr, beta2, eps, weight_decay
+
+    def restart(self, rows: torch.Tensor):
+        self.steps[rows] = 0
+        for v in self.v:
+            v[rows] = 0
+
+    @torch.no_grad()
+    def step(self):
+        self.steps += 1
+        correction = (1 - self.beta2**self.steps).rsqrt()
+        for p, v in zip(self.params, self.v):
+            v.mul_(self.beta2).addcmul_(p.grad, p.grad, value=1 - self.beta2)
+            p.mul_(1 - self.lr * self.weight_decay)
+            denom = v.sqrt().mul_(correction.to(v.dtype).view(-1, *[1] * (p.dim() - 1))).add_(self.eps)
+            p.addcdiv_(p.grad, denom, value=-self.lr)
+
+    def zero_grad(self):
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.zero_()
+
+
+def _adapted_token_nll(model: GPT, adapters: DocumentAdapters, x: torch.Tensor, y: torch.Tensor, positions: torch.Tensor, hints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL [R, P] at the given positions [R, P] of the windows x [R, T] (targets y [R, P])
+    of the model with the adapters (the head's added to the logits before the softcap),
+    differentiable in the adapters, and the log-probability of the hint tokens (any valid id).
+    Only the scored positions go through the head."""
     hidden = model.hidden_states(x, adapters)
+    hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
     logits = F.linear(hidden, model.tok_emb.weight.to(hidden.dtype)) + lora_delta(hidden, adapters.head())
-    return softcap_cross_entropy(logits.flatten(0, 1), y.flatten(), model.h.logit_softcap).view(y.shape)
+    z = softcapped(logits, model.h.logit_softcap)
+    log_normalizer = z.logsumexp(-1)
+    return log_normalizer - z.gather(-1, y[..., None]).squeeze(-1), z.gather(-1, hints[..., None]).squeeze(-1).detach() - log_normalizer.detach()
 
 
 class BatchQueue:
@@ -2132,67 +2212,129 @@ class BatchQueue:
         return number if number < self.num_batches else None
 
 
-def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: Runtime, return_token_nll=False, trace=None) -> EvalResult:
+@contextlib.contextmanager
+def frozen_weights(model: GPT):
+    """The model's weights without gradients (LoRA TTT trains only the adapters)."""
+    weights = [p for p in model.parameters() if p.requires_grad]
+    for p in weights:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in weights:
+            p.requires_grad_(True)
+
+
+def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, host_tokens: np.ndarray, target_bytes: torch.Tensor, claim, h: Hyperparameters, acc: _Accumulator, trace=None) -> int:
+    """Scores documents (target ranges) chunk by chunk in LORA_TTT_BATCH_DOCS rows, each row
+    with its own adapters, one AdamW step after each chunk (none after a document's last). A row
+    whose document is done takes the next one (from claim(), a list of documents or None when
+    there are no more) and restarts its adapters and optimizer state. Every chunk runs one
+    shape, rows x EVAL_SEQ_LEN, so a single compiled graph serves the whole evaluation. With
+    NGRAM_TILT_BETA the scores are tilted towards each target's n-gram hint; the steps learn
+    from the untilted loss. Returns the number of steps."""
+    device, seq_len, chunk, rows = tokens.device, h.eval_seq_len, h.lora_ttt_chunk_tokens, h.lora_ttt_batch_docs
+    adapters = DocumentAdapters(model, rows, h.lora_ttt_rank, h.lora_ttt_alpha)
+    optimizer = RowAdamW(adapters.parameters(), rows, h.lora_ttt_lr, 0.999, 1e-10, h.lora_ttt_wd)
+    hints = torch.full((len(tokens),), -1, dtype=torch.int64, device=device)  # per target, filled as documents are claimed
+    first, end, scored_to = (torch.zeros(rows, dtype=torch.int64) for _ in range(3))  # per row: its document, and its targets scored so far end here
+    pending, steps, offsets = [], 0, torch.arange(chunk, device=device)
+    while True:
+        new = torch.zeros(rows, dtype=torch.bool)
+        for row in torch.nonzero(scored_to >= end).flatten().tolist():  # free rows take the next documents
+            if not pending and (batch := claim()):
+                pending = list(reversed(batch))
+                acc.bytes += sum(target_bytes[f:e].double().sum() for f, e in batch)  # every target of the batch gets scored
+                for f, e in batch if h.ngram_tilt_beta > 0 else ():
+                    hints[f:e] = torch.from_numpy(ngram_hints(host_tokens[f:e], h.ngram_tilt_order)).to(device)
+            if pending:
+                first[row], end[row] = pending.pop()
+                scored_to[row], new[row] = first[row], True
+        live = scored_to < end
+        if not live.any():
+            return steps
+        if new.any():
+            adapters.restart(new.to(device))
+            optimizer.restart(new.to(device))
+        a = torch.where(live, scored_to, 0)  # this chunk: targets [a, b) of each row's document
+        b = torch.where(live, torch.minimum(scored_to + chunk, end), 0)
+        w = torch.maximum(first, b - seq_len) * live  # read from tokens [w, b] of its own document
+        more = live & (b < end)  # rows that take a step after this chunk
+        w_, a_, b_, more_ = torch.stack([w, a, b, more]).to(device).unbind()
+        window = w_[:, None] + torch.arange(seq_len, device=device)
+        x = torch.where(window < b_[:, None], tokens[window.clamp(max=len(tokens) - 1)], 0)  # left-aligned: the padding after b is causally invisible
+        positions = (a_ - w_)[:, None] + offsets  # the chunk inside the window
+        scored = positions < (b_ - w_)[:, None]
+        positions = positions.clamp(max=seq_len - 1)
+        y = tokens[(w_[:, None] + positions + 1).clamp(max=len(tokens) - 1)]
+        hint = hints[torch.where(scored, a_[:, None] + offsets, -1)]  # hints[-1] is -1: none
+        with autocast(device):
+            nll, hint_logp = _adapted_token_nll(model, adapters, x, y, positions, hint.clamp_min(0))
+        nll = nll * scored
+        with torch.no_grad():  # the chunk's scores are counted before any step uses them
+            score = ngram_tilt(nll, hint_logp, hint == y, hint >= 0, h.ngram_tilt_beta) if h.ngram_tilt_beta > 0 else nll
+            acc.nll += score.double().sum()
+            acc.untilted_nll += nll.double().sum()
+            acc.count += scored.sum()
+            for row in torch.nonzero(live).flatten().tolist() if acc.token_nll is not None or trace is not None else ():
+                if acc.token_nll is not None:
+                    acc.token_nll[a[row] : b[row]] = score[row, : b[row] - a[row]].double().cpu()
+                if trace is not None:
+                    trace.append(("score", int(first[row]), int(a[row]), int(b[row])))
+        scored_to = torch.where(live, b, scored_to)
+        if not more.any():
+            continue
+        per_doc = nll.sum(1) / scored.sum(1).clamp_min(1)  # each document's mean over its chunk
+        optimizer.zero_grad()
+        (per_doc * more_).sum().backward()  # each document's gradient is its own
+        optimizer.step()
+        steps += 1
+        if trace is not None:
+            trace.extend(("train", int(first[row]), int(a[row]), int(b[row])) for row in range(rows) if more[row])
+
+
+def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: Runtime, return_token_nll=False, trace=None, log=None) -> EvalResult:
     """Per-document LoRA test-time training. Documents, longest first, go in batches of
     LORA_TTT_BATCH_DOCS to whichever rank claims the batch next. Each document is scored
     LORA_TTT_CHUNK_TOKENS targets at a time, from at most EVAL_SEQ_LEN tokens of its own prefix
     (never another document's); the forward that scores a chunk also gives the loss of one
     AdamW step on that document's adapters, taken after the chunk's scores are counted (none
     after its last chunk). The model's weights stay as they are. `trace`, if a list, records
-    ("score"|"train", document, first_target, end_target) events for tests."""
+    ("score"|"train", document, first_target, end_target) events for tests; `log`, if given,
+    hears about every tenth batch (those rank 0 claims reach the log)."""
     t0 = time.perf_counter()
-    seq_len, chunk = h.eval_seq_len, h.lora_ttt_chunk_tokens
     docs = sorted(document_spans(tokens), key=lambda d: d[0] - d[1])  # longest first
     batches = [docs[b : b + h.lora_ttt_batch_docs] for b in range(0, len(docs), h.lora_ttt_batch_docs)]
     acc = _Accumulator(rt.device, len(tokens) - 1 if return_token_nll else None)
+    host_tokens = tokens.numpy()
     tokens, target_bytes = tokens.to(rt.device), target_bytes.to(rt.device)
-    weights = [p for p in model.parameters() if p.requires_grad]  # frozen here: only the adapters learn
-    for p in weights:
-        p.requires_grad_(False)
-    queue, train_steps = BatchQueue(len(batches), rt), 0
-    while (number := queue.claim()) is not None:
-        batch = batches[number]
-        adapters = DocumentAdapters(model, len(batch), h.lora_ttt_rank, h.lora_ttt_alpha)
-        optimizer = torch.optim.AdamW(adapters.parameters(), lr=h.lora_ttt_lr, betas=(0.0, 0.999), eps=1e-10, weight_decay=h.lora_ttt_wd)
-        acc.bytes += sum(target_bytes[first:end].double().sum() for first, end in batch)  # every target of the batch gets scored
-        for c in range(math.ceil((batch[0][1] - batch[0][0]) / chunk)):
-            spans = []  # per document: window start, first and end target of this chunk (all equal once done)
-            for first, end in batch:
-                a = min(first + c * chunk, end)
-                b = min(a + chunk, end)
-                spans.append((max(first, b - seq_len) if b > a else b, a, b))
-            width = min(seq_len, max(64, 1 << (max(b - w for w, _, b in spans) - 1).bit_length()))  # powers of two: few shapes to compile
-            x = torch.zeros(len(batch), width, dtype=torch.int64, device=rt.device)
-            y = torch.zeros_like(x)
-            scored = torch.zeros(len(batch), width, dtype=torch.bool, device=rt.device)
-            for row, (w, a, b) in enumerate(spans):  # left-aligned; the padding after b is causally invisible
-                x[row, : b - w], y[row, : b - w] = tokens[w:b], tokens[w + 1 : b + 1]
-                scored[row, a - w : b - w] = True
-            with autocast(rt.device):
-                nll = _adapted_token_nll(model, adapters, x, y).float()
-            with torch.no_grad():  # the chunk's scores are counted before any step uses them
-                acc.nll += nll[scored].double().sum()
-                acc.count += scored.sum()
-                for row, (w, a, b) in enumerate(spans):
-                    if acc.token_nll is not None:
-                        acc.token_nll[a:b] = nll[row, a - w : b - w].double().cpu()
-                    if trace is not None and b > a:
-                        trace.append(("score", batch[row][0], a, b))
-            more = [a < b < end for (_, a, b), (_, end) in zip(spans, batch)]  # no step after a document's last chunk
-            if not any(more):
-                continue
-            per_doc = (nll * scored).sum(1) / scored.sum(1).clamp_min(1)  # each document's mean over its chunk
-            optimizer.zero_grad(set_to_none=False)
-            (per_doc * torch.tensor(more, device=rt.device)).sum().backward()  # each document's gradient is its own
-            optimizer.step()
-            train_steps += 1
-            if trace is not None:
-                trace.extend(("train", batch[row][0], a, b) for row, (_, a, b) in enumerate(spans) if more[row])
-    for p in weights:
-        p.requires_grad_(True)
-    for t in (acc.nll, acc.bytes, acc.count):
+    queue = BatchQueue(len(batches), rt)
+    with frozen_weights(model):
+        def claim():
+            number = queue.claim()
+            if log is not None and number is not None and number % 10 == 0:
+                log(f"  lora_ttt: batch {number}/{len(batches)} claimed by rank {rt.rank} at {time.perf_counter() - t0:.0f}s")
+            return None if number is None else batches[number]
+
+        train_steps = _lora_ttt_documents(model, tokens, host_tokens, target_bytes, claim, h, acc, trace)
+    for t in (acc.nll, acc.bytes, acc.count, acc.untilted_nll):
         all_reduce(t)
-    return EvalResult(acc.nll.item(), acc.bytes.item(), int(acc.count.item()), time.perf_counter() - t0, acc.token_nll, [], train_steps)
+    untilted = acc.untilted_nll.item() if h.ngram_tilt_beta > 0 else None
+    return EvalResult(acc.nll.item(), acc.bytes.item(), int(acc.count.item()), time.perf_counter() - t0, acc.token_nll, [], train_steps, untilted)
+
+
+def warm_up_lora_ttt(model: GPT, h: Hyperparameters, device: torch.device):
+    """Compiles LoRA TTT's one shape, forward and backward, on a batch of random two-chunk
+    documents (never validation tokens); the scores are discarded."""
+    length = 2 * h.lora_ttt_chunk_tokens
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, h.vocab_size, (h.lora_ttt_batch_docs * length + 1,), generator=g)
+    tokens[tokens == BOS_ID] = BOS_ID + 1
+    tokens[::length] = BOS_ID
+    batches = [[(d * length, (d + 1) * length) for d in range(h.lora_ttt_batch_docs)]]
+    with frozen_weights(model):
+        _lora_ttt_documents(model, tokens.to(device), tokens.numpy(), torch.ones(len(tokens), device=device), lambda: batches.pop() if batches else None, h, _Accumulator(device, None))
+    synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2235,7 +2377,9 @@ def run_evaluations(model, val_tokens, target_bytes, h, rt, log, timer, results:
 
     stages = [("quantized", windows(None)), ("sliding", windows(h.eval_stride))]
     if h.lora_ttt:
-        stages.append(("lora_ttt", lambda: evaluate_lora_ttt(model, val_tokens, target_bytes, h, rt)))
+        with timer("compile_lora_ttt"):
+            warm_up_lora_ttt(model, h, rt.device)
+        stages.append(("lora_ttt", lambda: evaluate_lora_ttt(model, val_tokens, target_bytes, h, rt, log=log)))
     if h.ttt_enabled:
         stages.append(("ttt", windows(h.eval_stride, TTTConfig(h.ttt_chunk_tokens, h.ttt_lr, h.ttt_momentum, h.ttt_epochs, h.ttt_batch_seqs, h.ttt_grad_clip))))
     for name, score in stages:
@@ -2243,6 +2387,8 @@ def run_evaluations(model, val_tokens, target_bytes, h, rt, log, timer, results:
             r = score()
         results[name] = r
         log(f"eval {name}: val_loss {r.loss:.5f} val_bpb {r.bpb:.5f} ({r.tokens:,} tokens, {r.byte_sum:,.0f} bytes, {r.seconds:.1f}s, {r.tokens / r.seconds:,.0f} tok/s)")
+        if r.untilted_nll_sum is not None:
+            log(f"  without the n-gram tilt: val_bpb {r.untilted_bpb:.5f} (tilt {r.bpb - r.untilted_bpb:+.5f})")
         if len(r.chunk_seconds) > 2:  # steady state: leave out the first chunk (compiles) and the last (partial)
             later = r.chunk_seconds[1:-1]
             score_s, train_s = sum(s for s, _ in later), sum(t for _, t in later)

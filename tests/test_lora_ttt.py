@@ -15,7 +15,7 @@ CHUNK = 8
 
 
 def _h(**overrides):
-    values = dict(eval_seq_len=SEQ, lora_ttt=True, lora_ttt_rank=4, lora_ttt_alpha=8.0, lora_ttt_lr=0.05, lora_ttt_wd=0.0, lora_ttt_chunk_tokens=CHUNK, lora_ttt_batch_docs=3)
+    values = dict(eval_seq_len=SEQ, lora_ttt=True, lora_ttt_rank=4, lora_ttt_alpha=8.0, lora_ttt_lr=0.05, lora_ttt_wd=0.0, lora_ttt_chunk_tokens=CHUNK, lora_ttt_batch_docs=3, ngram_tilt_beta=0.0)
     return tiny_hyperparameters(**{**values, **overrides})
 
 
@@ -131,3 +131,90 @@ def test_batch_queue_hands_out_every_batch_once():
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"))
     queue = tg.BatchQueue(3, rt)
     assert [queue.claim() for _ in range(5)] == [0, 1, 2, None, None]
+
+
+def test_ngram_hints_follow_the_latest_earlier_match_inside_the_document():
+    g = torch.Generator().manual_seed(0)
+    doc = torch.randint(2, 6, (300,), generator=g).numpy()  # a small alphabet: many repeats
+    doc[0] = tg.BOS_ID
+    for order in (1, 2, 3):
+        expected = [-1] * len(doc)
+        for k in range(order - 1, len(doc)):
+            for j in range(k - 1, order - 2, -1):  # the latest earlier occurrence of doc[k-order+1..k]
+                if list(doc[j - order + 1 : j + 1]) == list(doc[k - order + 1 : k + 1]):
+                    expected[k] = doc[j + 1]
+                    break
+        assert tg.ngram_hints(doc, order).tolist() == expected
+        assert (tg.ngram_hints(doc, order)[: order - 1] == -1).all()
+
+
+def test_ngram_tilt_is_the_renormalised_tilted_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 17, generator=g, dtype=torch.float64)
+    targets, hints = torch.randint(0, 17, (50,), generator=g), torch.randint(-1, 17, (50,), generator=g)
+    logp = logits.log_softmax(-1)
+    beta = 1.3
+    tilted = logp + beta * (torch.arange(17) == hints[:, None])  # the hint's logit raised by beta; no hint (-1): unchanged
+    expected = -tilted.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    nll = -logp.gather(1, targets[:, None]).squeeze(1)
+    hint_logp = logp.gather(1, hints.clamp_min(0)[:, None]).squeeze(1)
+    torch.testing.assert_close(tg.ngram_tilt(nll, hint_logp, hints == targets, hints >= 0, beta), expected)
+    assert (hints == -1).any() and (hints == targets).any()
+
+
+def test_tilt_changes_scores_and_keeps_documents_apart(learned, cpu_runtime):
+    """The tilt only reweights each score with a hint from its own document's prefix: the
+    training is the same (the untilted total matches), and a change in one document moves no
+    score outside that document's future."""
+    tokens, tables, docs, r, _ = learned
+    h = _h(ngram_tilt_beta=1.0, ngram_tilt_order=2)
+    tilted = _lora(tokens, tables, cpu_runtime, h=h, return_token_nll=True)
+    assert tilted.untilted_nll_sum == pytest.approx(r.nll_sum, rel=1e-12) and tilted.nll_sum != pytest.approx(r.nll_sum, rel=1e-6)
+    first, end = max(docs, key=lambda d: d[1] - d[0])
+    t = first + CHUNK + 3
+    changed = tokens.clone()
+    changed[t + 1 : end] = torch.where(changed[t + 1 : end] == tg.BOS_ID, changed[t + 1 : end], (changed[t + 1 : end] * 7 + 3) % 300 + 2)
+    nll = _lora(changed, tables, cpu_runtime, h=h, return_token_nll=True).token_nll
+    assert torch.equal(nll[:t], tilted.token_nll[:t]) and torch.equal(nll[end:], tilted.token_nll[end:])
+
+
+def test_warm_up_runs_the_evaluations_one_shape_and_changes_nothing(tiny_data, cpu_runtime):
+    """Every chunk of every document runs rows x EVAL_SEQ_LEN (one compiled graph), the warm-up
+    on random documents runs it forward and backward, and it leaves the weights as they were."""
+    h = _h()
+    tokens, tables = _stream(tiny_data, windows=12)
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    shapes = {"warm": [], "eval": []}
+    phase = "warm"
+    original = model.hidden_states
+    model.hidden_states = lambda x, adapters=None: shapes[phase].append((tuple(x.shape), torch.is_grad_enabled())) or original(x, adapters)
+    tg.warm_up_lora_ttt(model, h, cpu_runtime.device)
+    phase = "eval"
+    tg.evaluate_lora_ttt(model, tokens, tg.validation_target_bytes(tokens, tables), h, cpu_runtime)
+    assert set(shapes["warm"]) == set(shapes["eval"]) == {((h.lora_ttt_batch_docs, h.eval_seq_len), True)} and len(shapes["eval"]) > 10
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and all(p.requires_grad for p in model.parameters())
+
+
+def test_row_adamw_is_adamw_with_beta1_zero_restarted_per_row():
+    """Each row follows torch's AdamW (betas (0, b2)) from the step its document started."""
+    g = torch.Generator().manual_seed(0)
+    rows, lr, b2, eps, wd = 3, 0.01, 0.9, 1e-8, 0.5
+    param = torch.nn.Parameter(torch.randn(rows, 4, 5, generator=g, dtype=torch.float64))
+    opt = tg.RowAdamW([param], rows, lr, b2, eps, wd)
+    starts = {0: 0, 1: 2, 2: 4}  # the step each row's document starts at
+    refs = {}
+    for step in range(7):
+        restart = torch.tensor([starts[r] == step for r in range(rows)])
+        if restart.any():
+            opt.restart(restart)
+            for r in torch.nonzero(restart).flatten().tolist():
+                refs[r] = torch.nn.Parameter(param.detach()[r].clone())
+                refs[r].opt = torch.optim.AdamW([refs[r]], lr=lr, betas=(0.0, b2), eps=eps, weight_decay=wd)
+        grad = torch.randn(rows, 4, 5, generator=g, dtype=torch.float64)
+        param.grad = grad.clone()
+        opt.step()
+        for r, ref in refs.items():
+            ref.grad = grad[r].clone()
+            ref.opt.step()
+            torch.testing.assert_close(param.detach()[r], ref.detach(), rtol=1e-12, atol=1e-12)

@@ -16,7 +16,7 @@ import train_gpt as tg
 from conftest import ROOT
 from tiny_data import QUICK_RUN_ENV
 
-TINY_ENV = dict(QUICK_RUN_ENV, PACK_CODE="1", RUN_ID="smoke", CHECKPOINT_PATH="final.pt")
+TINY_ENV = dict(QUICK_RUN_ENV, PACK_CODE="1", RUN_ID="smoke", CHECKPOINT_PATH="final.pt", TTT_ENABLED="1")  # every evaluation stage
 
 
 def run_script(script, cwd, data_dir, **extra):
@@ -44,8 +44,8 @@ def test_training_run_reaches_the_end_and_writes_its_log(smoke_run):
         "hyperparameters:", "  NUM_LAYERS=4", "environment: python", "torch", "stage load_data",
         "step 4 loss", "tok/s", "stopped after 12 steps", "reached ITERATIONS=12", "weights frozen",
         "quantization steps: rounding damage", "artifact size fit", "eval raw: val_loss", "eval ema: val_loss", "stage gptq", "stage pack", "artifact: weights",
-        "eval quantized: val_loss", "eval sliding: val_loss", "eval ttt: val_loss", "quantization gap",
-        "final val_bpb",
+        "eval quantized: val_loss", "eval sliding: val_loss", "stage compile_lora_ttt", "eval lora_ttt: val_loss",
+        "without the n-gram tilt", "eval ttt: val_loss", "quantization gap", "final val_bpb",
     ]:
         assert expected in log, expected
     assert log == proc.stdout  # rank 0 prints exactly what it logs
@@ -55,14 +55,15 @@ def test_submission_json(smoke_run):
     cwd, _, proc = smoke_run
     summary = json.loads((cwd / "submission.json").read_text())
     assert summary["val_bpb"] == pytest.approx(final_bpb(proc.stdout), abs=1e-5)
-    assert set(summary["val_bpb_stages"]) == {"raw", "ema", "quantized", "sliding", "ttt"}
+    assert set(summary["val_bpb_stages"]) == {"raw", "ema", "quantized", "sliding", "lora_ttt", "ttt"}
     assert summary["steps"] == 12 and summary["seed"] == 1337
     sizes = summary["artifact_bytes"]
     assert sizes["total"] == sizes["weights"] + sizes["code"] < 16_000_000
     assert sizes["weights"] == (cwd / "final_model.pgq").stat().st_size
     assert sizes["code"] == (cwd / "train_gpt.packed.py").stat().st_size
     assert summary["code_sha256"] == hashlib.sha256((cwd / "train_gpt.packed.py").read_bytes()).hexdigest()
-    assert summary["torch"] and summary["hardware"] and summary["eval_seconds"]["ttt"] > 0
+    assert summary["torch"] and summary["hardware"] and summary["eval_seconds"]["lora_ttt"] > 0
+    assert summary["val_bpb"] == pytest.approx(summary["val_bpb_stages"]["lora_ttt"], abs=1e-6)  # the final score
 
 
 def test_checkpoint_holds_the_unquantized_final_weights(smoke_run):
@@ -95,7 +96,7 @@ def test_self_extracting_copy_evaluates_the_artifact_identically(smoke_run, tmp_
     again = run_script(packed, tmp_path, root, EVAL_ONLY="1", ARTIFACT_PATH=str(cwd / "final_model.pgq"), RUN_ID="again")
     assert again.returncode == 0, again.stderr[-3000:]
     assert final_bpb(again.stdout) == final_bpb(proc.stdout)
-    assert "stage eval_ttt" in again.stdout and "warmup" not in again.stdout
+    assert "stage eval_lora_ttt" in again.stdout and "stage eval_ttt" in again.stdout and "warmup" not in again.stdout
 
 
 def test_oversized_artifact_is_refused_without_a_score(tiny_data, tmp_path, monkeypatch):

@@ -2245,8 +2245,9 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, host_tokens: np.ndarra
             if not pending and (batch := claim()):
                 pending = list(reversed(batch))
                 acc.bytes += sum(target_bytes[f:e].double().sum() for f, e in batch)  # every target of the batch gets scored
-                for f, e in batch if h.ngram_tilt_beta > 0 else ():
-                    hints[f:e] = torch.from_numpy(ngram_hints(host_tokens[f:e], h.ngram_tilt_order)).to(device)
+                if h.ngram_tilt_beta > 0:
+                    for f, e in batch:
+                        hints[f:e] = torch.from_numpy(ngram_hints(host_tokens[f:e], h.ngram_tilt_order)).to(device)
             if pending:
                 first[row], end[row] = pending.pop()
                 scored_to[row], new[row] = first[row], True
@@ -2254,8 +2255,9 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, host_tokens: np.ndarra
         if not live.any():
             return steps
         if new.any():
-            adapters.restart(new.to(device))
-            optimizer.restart(new.to(device))
+            new = new.to(device)
+            adapters.restart(new)
+            optimizer.restart(new)
         a = torch.where(live, scored_to, 0)  # this chunk: targets [a, b) of each row's document
         b = torch.where(live, torch.minimum(scored_to + chunk, end), 0)
         w = torch.maximum(first, b - seq_len) * live  # read from tokens [w, b] of its own document
@@ -2276,11 +2278,12 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, host_tokens: np.ndarra
             acc.nll += score.double().sum()
             acc.untilted_nll += nll.double().sum()
             acc.count += scored.sum()
-            for row in torch.nonzero(live).flatten().tolist() if acc.token_nll is not None or trace is not None else ():
-                if acc.token_nll is not None:
-                    acc.token_nll[a[row] : b[row]] = score[row, : b[row] - a[row]].double().cpu()
-                if trace is not None:
-                    trace.append(("score", int(first[row]), int(a[row]), int(b[row])))
+            if acc.token_nll is not None or trace is not None:  # tests only
+                for row in torch.nonzero(live).flatten().tolist():
+                    if acc.token_nll is not None:
+                        acc.token_nll[a[row] : b[row]] = score[row, : b[row] - a[row]].double().cpu()
+                    if trace is not None:
+                        trace.append(("score", int(first[row]), int(a[row]), int(b[row])))
         scored_to = torch.where(live, b, scored_to)
         if not more.any():
             continue
@@ -2309,13 +2312,14 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     host_tokens = tokens.numpy()
     tokens, target_bytes = tokens.to(rt.device), target_bytes.to(rt.device)
     queue = BatchQueue(len(batches), rt)
-    with frozen_weights(model):
-        def claim():
-            number = queue.claim()
-            if log is not None and number is not None and number % 10 == 0:
-                log(f"  lora_ttt: batch {number}/{len(batches)} claimed by rank {rt.rank} at {time.perf_counter() - t0:.0f}s")
-            return None if number is None else batches[number]
 
+    def claim():
+        number = queue.claim()
+        if log is not None and number is not None and number % 10 == 0:
+            log(f"  lora_ttt: batch {number}/{len(batches)} claimed by rank {rt.rank} at {time.perf_counter() - t0:.0f}s")
+        return None if number is None else batches[number]
+
+    with frozen_weights(model):
         train_steps = _lora_ttt_documents(model, tokens, host_tokens, target_bytes, claim, h, acc, trace)
     for t in (acc.nll, acc.bytes, acc.count, acc.untilted_nll):
         all_reduce(t)

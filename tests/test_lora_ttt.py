@@ -178,7 +178,7 @@ def test_tilt_changes_scores_and_keeps_documents_apart(learned, cpu_runtime):
     assert torch.equal(nll[:t], tilted.token_nll[:t]) and torch.equal(nll[end:], tilted.token_nll[end:])
 
 
-def test_warm_up_runs_the_evaluations_one_shape_and_changes_nothing(tiny_data, cpu_runtime):
+def test_warm_up_runs_the_evaluations_one_shape_and_changes_nothing(tiny_data, cpu_runtime, monkeypatch):
     """Every chunk of every document runs rows x EVAL_SEQ_LEN (one compiled graph), the warm-up
     on random documents runs it forward and backward, and it leaves the weights as they were."""
     h = _h()
@@ -188,11 +188,16 @@ def test_warm_up_runs_the_evaluations_one_shape_and_changes_nothing(tiny_data, c
     shapes = {"warm": [], "eval": []}
     phase = "warm"
     original = model.hidden_states
-    model.hidden_states = lambda x, adapters=None: shapes[phase].append((tuple(x.shape), torch.is_grad_enabled())) or original(x, adapters)
+    model.hidden_states = lambda x, adapters=None: shapes[phase].append((tuple(x.shape), torch.is_grad_enabled(), any(p.requires_grad for p in model.parameters()))) or original(x, adapters)
+    steps = {"warm": 0, "eval": 0}
+    step = tg.RowAdamW.step
+    monkeypatch.setattr(tg.RowAdamW, "step", lambda self: steps.__setitem__(phase, steps[phase] + 1) or step(self))
     tg.warm_up_lora_ttt(model, h, cpu_runtime.device)
     phase = "eval"
     tg.evaluate_lora_ttt(model, tokens, tg.validation_target_bytes(tokens, tables), h, cpu_runtime)
-    assert set(shapes["warm"]) == set(shapes["eval"]) == {((h.lora_ttt_batch_docs, h.eval_seq_len), True)} and len(shapes["eval"]) > 10
+    # the same shape, with gradients, the weights frozen (as the compiled graph's guards see them), and a backward in both
+    assert set(shapes["warm"]) == set(shapes["eval"]) == {((h.lora_ttt_batch_docs, h.eval_seq_len), True, False)} and len(shapes["eval"]) > 10
+    assert steps["warm"] > 0 and steps["eval"] > 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and all(p.requires_grad for p in model.parameters())
 
 

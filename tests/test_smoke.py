@@ -45,7 +45,7 @@ def test_training_run_reaches_the_end_and_writes_its_log(smoke_run):
         "step 4 loss", "tok/s", "stopped after 12 steps", "reached ITERATIONS=12", "weights frozen",
         "quantization steps: rounding damage", "artifact size fit", "eval raw: val_loss", "eval ema: val_loss", "stage gptq", "stage pack", "artifact: weights",
         "eval quantized: val_loss", "eval sliding: val_loss", "stage compile_lora_ttt", "eval lora_ttt: val_loss",
-        "without the n-gram tilt", "eval ttt: val_loss", "quantization gap", "final val_bpb",
+        "without the n-gram tilt", "eval ttt: val_loss", "evaluation took", "quantization gap", "final val_bpb",
     ]:
         assert expected in log, expected
     assert log == proc.stdout  # rank 0 prints exactly what it logs
@@ -63,6 +63,7 @@ def test_submission_json(smoke_run):
     assert sizes["code"] == (cwd / "train_gpt.packed.py").stat().st_size
     assert summary["code_sha256"] == hashlib.sha256((cwd / "train_gpt.packed.py").read_bytes()).hexdigest()
     assert summary["torch"] and summary["hardware"] and summary["eval_seconds"]["lora_ttt"] > 0
+    assert summary["eval_total_seconds"] >= sum(summary["eval_seconds"].values()) + summary["stage_seconds"]["compile_lora_ttt"]
     assert summary["val_bpb"] == pytest.approx(summary["val_bpb_stages"]["lora_ttt"], abs=1e-6)  # the final score
 
 
@@ -93,10 +94,11 @@ def test_self_extracting_copy_evaluates_the_artifact_identically(smoke_run, tmp_
     cwd, root, proc = smoke_run
     packed = tmp_path / "train_gpt.py"
     packed.write_bytes((cwd / "train_gpt.packed.py").read_bytes())
-    again = run_script(packed, tmp_path, root, EVAL_ONLY="1", ARTIFACT_PATH=str(cwd / "final_model.pgq"), RUN_ID="again")
+    again = run_script(packed, tmp_path, root, EVAL_ONLY="1", ARTIFACT_PATH=str(cwd / "final_model.pgq"), RUN_ID="again", SLIDING_EVAL="0")
     assert again.returncode == 0, again.stderr[-3000:]
     assert final_bpb(again.stdout) == final_bpb(proc.stdout)
     assert "stage eval_lora_ttt" in again.stdout and "stage eval_ttt" in again.stdout and "warmup" not in again.stdout
+    assert "stage eval_sliding" not in again.stdout  # SLIDING_EVAL=0 leaves out the diagnostic
 
 
 def test_oversized_artifact_is_refused_without_a_score(tiny_data, tmp_path, monkeypatch):

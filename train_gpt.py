@@ -169,6 +169,9 @@ class Hyperparameters:
     lora_ttt_wd: float = _param(0.5, lo=0)
     lora_ttt_chunk_tokens: int = _param(48, lo=1)  # a document is scored this many targets at a time, one AdamW step after each
     lora_ttt_batch_docs: int = _param(64, lo=1)  # documents trained side by side, each with its own adapters
+    lora_ttt_phases: int = _param(0, lo=0)  # global SGD phases: all weights train on the documents scored so far; 0: off
+    lora_ttt_phase_docs: int = _param(833, lo=1)  # a phase after every this many documents of the queue (whole batches)
+    lora_ttt_phase_lr: float = _param(1e-3, lo=0)  # the phases' SGD (TTT_MOMENTUM, TTT_BATCH_SEQS, TTT_GRAD_CLIP): cosine to 0 over each phase
     ngram_tilt_beta: float = _param(1.0, lo=0)  # LoRA TTT's scores: the n-gram hint's probability raised by e^beta, renormalised; 0: off
     ngram_tilt_order: int = _param(3, lo=1, hi=4)  # the hint follows the last earlier occurrence of this many tokens in the document
 
@@ -2299,15 +2302,43 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, host_tokens: np.ndarra
             trace.extend(("train", int(first[row]), int(a[row]), int(b[row])) for row in range(rows) if more[row])
 
 
+def phase_boundaries(num_batches: int, h: Hyperparameters) -> list[int]:
+    """The batch numbers before which LoRA TTT pauses for a global SGD phase: after about
+    k * LORA_TTT_PHASE_DOCS documents of the queue (whole batches), k = 1..LORA_TTT_PHASES,
+    leaving out those at or past the end of the queue."""
+    cuts = {max(1, round(k * h.lora_ttt_phase_docs / h.lora_ttt_batch_docs)) for k in range(1, h.lora_ttt_phases + 1)}
+    return sorted(c for c in cuts if c < num_batches)
+
+
+def global_sgd_phase(model: GPT, tokens: torch.Tensor, docs: list[tuple[int, int]], h: Hyperparameters, rt: Runtime) -> int:
+    """One epoch of SGD on all weights over documents already scored (every rank passes the same
+    list), one after another as they are (each begins with its BOS): steps of TTT_CHUNK_TOKENS
+    targets in TTT_BATCH_SEQS sequences split across ranks, LORA_TTT_PHASE_LR with a cosine decay
+    over the phase, TTT_MOMENTUM; a remainder shorter than a step is left out. Eager, so the
+    evaluation's compiled graphs stay the only ones. Returns the number of steps."""
+    stream = torch.cat([tokens[first:end] for first, end in docs])
+    ttt = TTTConfig(h.ttt_chunk_tokens, h.lora_ttt_phase_lr, h.ttt_momentum, 1, h.ttt_batch_seqs, h.ttt_grad_clip)
+    num_steps = (len(stream) - 1) // ttt.chunk_tokens  # a step reads targets up to its chunk's end: all inside the stream
+    optimizer = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum)
+    with torch.compiler.set_stance("force_eager"):
+        for step in range(num_steps):
+            lr = ttt.lr * 0.5 * (1 + math.cos(math.pi * step / num_steps))
+            _ttt_train_chunk(model, optimizer, stream, step * ttt.chunk_tokens, ttt.chunk_tokens, h.eval_seq_len, lr, ttt, rt, None)
+    return num_steps
+
+
 def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: Runtime, return_token_nll=False, trace=None, log=None) -> EvalResult:
     """Per-document LoRA test-time training. Documents, longest first, go in batches of
     LORA_TTT_BATCH_DOCS to whichever rank claims the batch next. Each document is scored
     LORA_TTT_CHUNK_TOKENS targets at a time, from at most EVAL_SEQ_LEN tokens of its own prefix
     (never another document's); the forward that scores a chunk also gives the loss of one
     AdamW step on that document's adapters, taken after the chunk's scores are counted (none
-    after its last chunk). The model's weights stay as they are. `trace`, if a list, records
-    ("score"|"train", document, first_target, end_target) events for tests; `log`, if given,
-    hears about every tenth batch (those rank 0 claims reach the log)."""
+    after its last chunk). With LORA_TTT_PHASES, at each phase boundary every rank stops claiming,
+    finishes its documents, and all ranks train all weights on every document of the batches
+    before the boundary (all scored by then) before LoRA TTT goes on; otherwise the weights stay
+    as they are. `trace`, if a list, records ("score"|"train", document, first_target,
+    end_target) and ("phase", documents) events for tests; `log`, if given, hears about every
+    tenth batch and every phase (what rank 0 sees reaches the log)."""
     t0 = time.perf_counter()
     docs = sorted(document_spans(tokens), key=lambda d: d[0] - d[1])  # longest first
     batches = [docs[b : b + h.lora_ttt_batch_docs] for b in range(0, len(docs), h.lora_ttt_batch_docs)]
@@ -2315,15 +2346,28 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     host_tokens = tokens.numpy()
     tokens, target_bytes = tokens.to(rt.device), target_bytes.to(rt.device)
     queue = BatchQueue(len(batches), rt)
+    held = []  # a batch number this rank claimed past a phase boundary: its first after the phase
 
-    def claim():
-        number = queue.claim()
+    def claim_below(limit):
+        number = held.pop() if held else queue.claim()
+        if number is not None and number >= limit:
+            held.append(number)
+            return None
         if log is not None and number is not None and number % 10 == 0:
             log(f"  lora_ttt: batch {number}/{len(batches)} claimed by rank {rt.rank} at {time.perf_counter() - t0:.0f}s")
         return None if number is None else batches[number]
 
-    with frozen_weights(model):
-        train_steps = _lora_ttt_documents(model, tokens, host_tokens, target_bytes, claim, h, acc, trace)
+    train_steps = 0
+    for limit in [*phase_boundaries(len(batches), h), len(batches)]:
+        with frozen_weights(model):
+            train_steps += _lora_ttt_documents(model, tokens, host_tokens, target_bytes, lambda: claim_below(limit), h, acc, trace)
+        if limit < len(batches):
+            t_phase, scored = time.perf_counter(), [d for batch in batches[:limit] for d in batch]
+            steps = global_sgd_phase(model, tokens, scored, h, rt)
+            if trace is not None:
+                trace.append(("phase", scored))
+            if log is not None:
+                log(f"  lora_ttt: global SGD phase after {len(scored):,} documents ({sum(e - f for f, e in scored):,} tokens): {steps} steps, {time.perf_counter() - t_phase:.1f}s, at {time.perf_counter() - t0:.0f}s")
     for t in (acc.nll, acc.bytes, acc.count, acc.untilted_nll):
         all_reduce(t)
     untilted = acc.untilted_nll.item() if h.ngram_tilt_beta > 0 else None

@@ -1,6 +1,7 @@
 """Per-document LoRA TTT: every target scored once, from its own document's prefix only; each
 AdamW step uses only targets already counted; documents never see each other; ranks agree."""
 
+import copy
 import math
 
 import pytest
@@ -111,20 +112,75 @@ def test_changing_one_document_changes_no_other_document_nor_its_own_past(learne
     assert not torch.equal(nll[t:end], base[t:end])
 
 
-def _lora_on_rank(rank, world_size, tokens, tables):
+PHASED = dict(lora_ttt_batch_docs=2, lora_ttt_phases=1, lora_ttt_phase_docs=2, lora_ttt_phase_lr=0.05, ttt_chunk_tokens=64, ttt_batch_seqs=2)  # one phase, after the first batch (2 documents)
+TWO_PHASES = dict(PHASED, lora_ttt_batch_docs=1, lora_ttt_phases=2, lora_ttt_phase_docs=1)  # after the first and the second document
+
+
+def _lora_on_rank(rank, world_size, tokens, tables, overrides):
     rt = tg.Runtime(rank, world_size, 0, torch.device("cpu"))
-    r = _lora(tokens, tables, rt, model=_model().double())
+    r = _lora(tokens, tables, rt, h=_h(**overrides), model=_model().double())
     return r.nll_sum, r.byte_sum, r.tokens
 
 
-def test_two_ranks_give_the_same_totals(tiny_data, cpu_runtime):
+@pytest.mark.parametrize("overrides", [{}, TWO_PHASES], ids=["no phases", "phases"])
+def test_two_ranks_give_the_same_totals(tiny_data, cpu_runtime, overrides):
     """The ranks claim batches from a shared counter; whichever rank scores a document, its
-    scores are the same, so only the order of summation differs."""
+    scores are the same, so only the order of summation differs. With phases, each rank stops
+    at the boundary and the two train on halves of each batch with averaged gradients."""
     tokens, tables, _ = _documents(tiny_data)
-    single = _lora(tokens, tables, cpu_runtime, model=_model().double())
-    for nll, nbytes, count in run_distributed(_lora_on_rank, 2, tokens, tables):
+    single = _lora(tokens, tables, cpu_runtime, h=_h(**overrides), model=_model().double())
+    for nll, nbytes, count in run_distributed(_lora_on_rank, 2, tokens, tables, overrides):
         assert count == single.tokens and nbytes == single.byte_sum
         assert nll == pytest.approx(single.nll_sum, rel=1e-9)
+
+
+def test_phases_train_on_exactly_the_documents_scored_before_them(tiny_data):
+    tokens, tables, docs = _documents(tiny_data)
+    queue = sorted(docs, key=lambda d: d[0] - d[1])
+    trace = []
+    r = _lora(tokens, tables, CPU, h=_h(**TWO_PHASES), return_token_nll=True, trace=trace)
+    ends, scored, phases = dict(docs), {first: first for first, _ in docs}, []
+    for event in trace:
+        if event[0] == "score":
+            scored[event[1]] = event[3]
+        elif event[0] == "phase":
+            assert all(scored[first] == end for first, end in event[1]), "a phase trains on a document not fully scored"
+            assert not any(first < scored[first] < ends[first] for first in scored), "a document is left half-scored across a phase"
+            assert sorted(event[1]) == sorted(d for d in docs if scored[d[0]] == d[1]), "a phase leaves out a scored document"
+            phases.append(event[1])
+    assert phases == [queue[:1], queue[:2]] and not torch.isnan(r.token_nll).any()
+
+
+def test_a_phase_changes_only_the_scores_after_it(tiny_data):
+    """The first batch (two documents) is scored before the phase, the same as without phases;
+    the later ones after the weights learned from it. A change late in a first-batch document
+    moves no score of the first batch outside its own future, and moves later scores through the
+    phase."""
+    tokens, tables, docs = _documents(tiny_data)
+    queue = sorted(docs, key=lambda d: d[0] - d[1])
+    model = _model().double()
+    plain = _lora(tokens, tables, CPU, model=copy.deepcopy(model), return_token_nll=True).token_nll
+    phased = _lora(tokens, tables, CPU, h=_h(**PHASED), model=copy.deepcopy(model), return_token_nll=True).token_nll
+
+    def scores(nll, batch_docs):
+        return torch.cat([nll[first:end] for first, end in batch_docs])
+
+    assert torch.equal(scores(phased, queue[:2]), scores(plain, queue[:2]))
+    assert not torch.allclose(scores(phased, queue[2:]), scores(plain, queue[2:]))
+    first, end = queue[1]
+    t = first + (end - first) // 2
+    changed = tokens.clone()
+    changed[t + 1 : end] = torch.where(changed[t + 1 : end] == tg.BOS_ID, changed[t + 1 : end], (changed[t + 1 : end] * 7 + 3) % 300 + 2)
+    moved = _lora(changed, tables, CPU, h=_h(**PHASED), model=copy.deepcopy(model), return_token_nll=True).token_nll
+    assert torch.equal(scores(moved, [queue[0], (first, t)]), scores(phased, [queue[0], (first, t)]))
+    assert not torch.allclose(scores(moved, queue[2:]), scores(phased, queue[2:]))
+
+
+def test_phase_boundaries_are_whole_batches_inside_the_queue():
+    h = _h(lora_ttt_phases=3, lora_ttt_phase_docs=833, lora_ttt_batch_docs=64)
+    assert tg.phase_boundaries(782, h) == [13, 26, 39]  # 50k documents: phases after 832, 1664, 2496
+    assert tg.phase_boundaries(30, h) == [13, 26] and tg.phase_boundaries(782, _h()) == []
+    assert tg.phase_boundaries(10, _h(lora_ttt_phases=2, lora_ttt_phase_docs=1, lora_ttt_batch_docs=64)) == [1]
 
 
 def test_batch_queue_hands_out_every_batch_once():

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 try:  # FlashAttention-3 (Hopper) when installed; otherwise PyTorch SDPA.
     from flash_attn_interface import flash_attn_func as flash_attn_3
@@ -80,6 +81,7 @@ class Hyperparameters:
     eval_only: bool = _param(False)  # evaluate ARTIFACT_PATH without training
     compile: bool = _param(True)  # torch.compile the blocks and the loss head
     attention_backend: str = _param("auto", choices=("auto", "fa3", "cudnn", "flash", "efficient", "math"))
+    doc_mask: bool = _param(False)  # attention stays inside each document (a BOS starts one) in training, eval and TTT: FlexAttention on CUDA
     speedups: bool = _param(True)  # fused loss kernel (CUDA + Triton), grouped K/V read by cuDNN; 0: the plain path, for side-by-side speed and loss checks
     # training budget and batch
     max_wallclock_seconds: float = _param(600.0, lo=0, lo_open=True)
@@ -228,6 +230,7 @@ class Hyperparameters:
         need(chunk_seqs % self.ttt_batch_seqs == 0, f"TTT_BATCH_SEQS={self.ttt_batch_seqs}: must divide the {chunk_seqs} sequences of a TTT chunk")
         need(self.ttt_batch_seqs % world_size == 0, f"TTT_BATCH_SEQS={self.ttt_batch_seqs}: must be a multiple of world size {world_size}")
         need(not self.lora_ttt or self.lora_ttt_chunk_tokens <= self.eval_seq_len, f"LORA_TTT_CHUNK_TOKENS={self.lora_ttt_chunk_tokens}: must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(not self.doc_mask or self.attention_backend == "auto", f"DOC_MASK=1 runs FlexAttention: leave ATTENTION_BACKEND=auto (not {self.attention_backend})")
         if self.attention_backend == "fa3":
             need(flash_attn_3 is not None, "ATTENTION_BACKEND=fa3: flash_attn_interface is not importable")
 
@@ -607,8 +610,26 @@ class PartialRotary(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
-def causal_attention(q, k, v, backend: str) -> torch.Tensor:
-    """q: [B, T, H, D]; k, v: [B, T, Hkv, D] (grouped-query). Returns [B, T, H, D]."""
+def document_attention_mask(ids: torch.Tensor, flex: bool) -> "BlockMask | torch.Tensor":
+    """DOC_MASK's mask for windows ids [B, T]: position q sees positions kv <= q of its own document
+    (a BOS starts one; a window's first tokens before any BOS are one document). A FlexAttention
+    block mask (built by a compiled kernel: the dense mask would take B x T x T memory), or the
+    dense boolean [B, 1, T, T] for SDPA (CPU and tests)."""
+    doc = torch.cumsum(ids == BOS_ID, dim=1)
+    if not flex:
+        return (doc[:, :, None] == doc[:, None, :]).tril()[:, None]
+    B, T = ids.shape
+    return create_block_mask(lambda b, h, q, kv: (kv <= q) & (doc[b, q] == doc[b, kv]), B, None, T, T, device=ids.device, _compile=True)
+
+
+def causal_attention(q, k, v, backend: str, mask: "BlockMask | torch.Tensor | None" = None) -> torch.Tensor:
+    """q: [B, T, H, D]; k, v: [B, T, Hkv, D] (grouped-query). Returns [B, T, H, D]. With a mask
+    (DOC_MASK): document-masked, by FlexAttention (backend "flex") or SDPA with the dense mask."""
+    if mask is not None:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if backend == "flex":
+            return flex_attention(q, k, v, block_mask=mask, enable_gqa=True).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
     if backend == "fa3":
         out = flash_attn_3(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
@@ -659,8 +680,9 @@ class Attention(nn.Module):
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)]
 
-    def forward(self, x: torch.Tensor, lora: dict | None = None) -> torch.Tensor:
-        """lora (LoRA TTT only): per-row adapters added to q, k, v and, fed from x, to the output."""
+    def forward(self, x: torch.Tensor, lora: dict | None = None, mask=None) -> torch.Tensor:
+        """lora (LoRA TTT only): per-row adapters added to q, k, v and, fed from x, to the output.
+        mask: DOC_MASK's (document_attention_mask), else plain causal attention."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.num_heads * self.head_dim, *(2 * [self.num_kv_heads * self.head_dim])], dim=-1)
         if lora is not None:
@@ -671,7 +693,7 @@ class Attention(nn.Module):
         q, k = rms_norm(q).type_as(v), rms_norm(k).type_as(v)
         q, k = self.rotary(q), self.rotary(k)
         q = q * self.q_gain.to(q.dtype)[:, None]
-        y = exclusive_self_attention(causal_attention(q, k, v, self.backend), v)
+        y = exclusive_self_attention(causal_attention(q, k, v, self.backend, mask), v)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate_scale * F.linear(x[..., :GATE_INPUTS], self.gate.to(x.dtype)))[..., None]
         out = self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
@@ -709,21 +731,21 @@ class Block(nn.Module):
         self.lane_mix = nn.Parameter(torch.tensor([[1.1, 1.0, 1.0], [1.1, 1.0, 1.0]])) if self.two_lane else None  # per lane: r, p_attn, p_mlp
         self.register_buffer("norm_scale", torch.tensor(1.0 / math.sqrt(layer + 1)), persistent=False)
 
-    def forward(self, x, x0, skip=None, skip_weight=None, skip_gate=None, lane1=None, lora=None):
+    def forward(self, x, x0, skip=None, skip_weight=None, skip_gate=None, lane1=None, lora=None, mask=None):
         dt = x.dtype  # the residual stream's; the small parameters follow it
         if skip is not None:  # U-Net skip: lerp towards the weighted encoder activation
             x = torch.lerp(skip_weight.to(dt) * skip, x, torch.sigmoid(skip_gate).to(dt))
         mix, norm_scale = self.resid_mix.to(dt), self.norm_scale.to(dt)
         x = mix[0] * x + mix[1] * x0
         if self.two_lane:  # returns both lanes
-            a = self.attn_scale.to(dt) * self.attn(rms_norm(x) * norm_scale, lora)
+            a = self.attn_scale.to(dt) * self.attn(rms_norm(x) * norm_scale, lora, mask)
             m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * norm_scale, lora)
             w = self.lane_mix.to(dt)
             return w[0, 0] * x + w[0, 1] * a + w[0, 2] * m, w[1, 0] * lane1 + w[1, 1] * a + w[1, 2] * m
         if self.parallel:
             n = rms_norm(x) * norm_scale
-            return x + self.attn_scale.to(dt) * self.attn(n, lora) + self.mlp_scale.to(dt) * self.mlp(n, lora)
-        x = x + self.attn_scale.to(dt) * self.attn(rms_norm(x) * norm_scale, lora)
+            return x + self.attn_scale.to(dt) * self.attn(n, lora, mask) + self.mlp_scale.to(dt) * self.mlp(n, lora)
+        x = x + self.attn_scale.to(dt) * self.attn(rms_norm(x) * norm_scale, lora, mask)
         return x + self.mlp_scale.to(dt) * self.mlp(rms_norm(x) * norm_scale, lora)
 
 
@@ -876,7 +898,9 @@ class GPT(nn.Module):
     def hidden_states(self, ids: torch.Tensor, adapters: "DocumentAdapters | None" = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, C]. The first half of the virtual layers push their
         outputs on a stack; the second half pop them as U-Net skips. adapters: LoRA TTT's, one
-        set per row and virtual layer."""
+        set per row and virtual layer. With DOC_MASK every layer's attention stays inside each
+        document of the window."""
+        mask = document_attention_mask(ids, self.blocks[0].attn.backend == "flex") if self.h.doc_mask else None
         x = self.tok_emb(ids)
         if self.smear is not None:
             x = self.smear(x, ids)
@@ -893,9 +917,9 @@ class GPT(nn.Module):
             skip = (skips.pop(), self.skip_weights[i - num_encoder], self.skip_gates[i - num_encoder]) if i >= num_encoder and skips else ()
             lora = adapters.layer(i) if adapters is not None else None
             if block.two_lane:  # the second lane starts as a copy of the stream
-                x, lane1 = block(x, x0, *skip, lane1=x if lane1 is None else lane1, lora=lora)
+                x, lane1 = block(x, x0, *skip, lane1=x if lane1 is None else lane1, lora=lora, mask=mask)
             else:
-                x = block(x, x0, *skip, lora=lora)
+                x = block(x, x0, *skip, lora=lora, mask=mask)
             if i < num_encoder:
                 skips.append(x)
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
@@ -919,14 +943,16 @@ class GPT(nn.Module):
 
 def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> str:
     """Picks the attention kernel (FA3 when importable, else the requested/fastest SDPA backend;
-    with SPEEDUPS, cuDNN reads the grouped K and V directly) and, with SPEEDUPS on a CUDA device
+    with SPEEDUPS, cuDNN reads the grouped K and V directly; FlexAttention with DOC_MASK) and, with SPEEDUPS on a CUDA device
     with Triton, the fused loss kernel. Returns a summary for the log."""
     backend = h.attention_backend
     if device.type != "cuda":
-        backend = "math"
+        backend = "math"  # with DOC_MASK: SDPA with the dense mask
+    elif h.doc_mask:  # no varlen kernel here: FlexAttention with a document block mask
+        backend = "flex"
     elif backend == "auto":
         backend = "fa3" if flash_attn_3 is not None else "cudnn"
-    if backend not in ("fa3", "math"):  # leave SDPA exactly one fused kernel to choose
+    if backend not in ("fa3", "math", "flex"):  # leave SDPA exactly one fused kernel to choose
         torch.backends.cuda.enable_cudnn_sdp(backend == "cudnn")
         torch.backends.cuda.enable_flash_sdp(backend == "flash")
         torch.backends.cuda.enable_mem_efficient_sdp(backend == "efficient")

@@ -1,37 +1,45 @@
 """Times causal GQA attention (forward + backward) at the training shape for every backend
-train_gpt.py can use, and prints the fastest as BEST=<name>.
+train_gpt.py can use, and prints the fastest as BEST=<name>. With a training shard, also
+FlexAttention with DOC_MASK's document mask on the shard's first B windows (its real document
+boundaries), against the same kernel with no boundary inside the windows.
 
     python3 bench/attention_backends.py            # B=48, T=2048, 8 query / 4 KV heads, D=64
+    python3 bench/attention_backends.py data/datasets/fineweb10B_sp8192/fineweb_train_000000.bin
 """
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 
-def time_backend(backend, B=48, T=2048, H=8, Hkv=4, D=64, iters=20):
+def time_backend(backend, B=48, T=2048, H=8, Hkv=4, D=64, iters=20, ids=None):
+    """ids [B, T] (backend "flex" only): the windows whose document mask is timed."""
     if backend == "fa3" and tg.flash_attn_3 is None:
         return None
-    model = tg.GPT(tg.Hyperparameters(attention_backend=backend, num_layers=1)).cuda()
-    tg.configure_kernels(model, tg.Hyperparameters(attention_backend=backend), torch.device("cuda"))
+    if backend != "flex":
+        model = tg.GPT(tg.Hyperparameters(attention_backend=backend, num_layers=1)).cuda()
+        tg.configure_kernels(model, tg.Hyperparameters(attention_backend=backend), torch.device("cuda"))
     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    fn = torch.compile(lambda q, k, v: tg.causal_attention(q, k, v, backend), fullgraph=True)
-    reference = tg.causal_attention(q.float(), k.float(), v.float(), "math")
-    out = fn(q, k, v)
+    mask = None if ids is None else tg.document_attention_mask(ids.cuda(), flex=True)
+    fn = torch.compile(lambda q, k, v, mask: tg.causal_attention(q, k, v, backend, mask), fullgraph=True)
+    dense = None if ids is None else tg.document_attention_mask(ids.cuda(), flex=False)
+    reference = tg.causal_attention(q.float(), k.float(), v.float(), "math", dense)
+    out = fn(q, k, v, mask)
     err = ((out.float() - reference).norm() / reference.norm()).item()
     grad = torch.randn_like(out)
     for _ in range(3):
-        fn(q, k, v).backward(grad)
+        fn(q, k, v, mask).backward(grad)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
-        fn(q, k, v).backward(grad)
+        fn(q, k, v, mask).backward(grad)
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / iters
@@ -54,3 +62,9 @@ if __name__ == "__main__":
         results[backend] = ms
         print(f"{backend:10s} {ms:7.2f} ms fwd+bwd  rel.err {err:.1e}  {tflops:6.1f} TFLOP/s")
     print(f"BEST={min(results, key=results.get)}")
+    if len(sys.argv) > 1:  # DOC_MASK's FlexAttention on real document boundaries
+        ids = torch.from_numpy(np.asarray(tg.read_shard(Path(sys.argv[1]))[: 48 * 2048]).astype(np.int64)).view(48, 2048)
+        one_document = torch.full_like(ids, 2)
+        for label, windows in (("flex, no boundary", one_document), (f"flex, {int((ids == tg.BOS_ID).sum())} BOS in the windows", ids)):
+            ms, err, _ = time_backend("flex", ids=windows)
+            print(f"{label:30s} {ms:7.2f} ms fwd+bwd  rel.err {err:.1e}")

@@ -152,3 +152,26 @@ def test_bpb_from_a_byte_sidecar_equals_bpb_from_the_tokenizer_counts(tiny_data,
     assert from_sidecar.byte_sum == from_tables.byte_sum and from_sidecar.bpb == from_tables.bpb
     shifted = tg.evaluate(_model(), tokens, tg.validation_target_bytes(tokens, None, per_token.roll(1)), SEQ, MODES[mode]["stride"], 4, cpu_runtime)
     assert shifted.byte_sum != from_tables.byte_sum  # the counts really come from the sidecar
+
+
+def test_with_doc_mask_a_document_changes_no_score_of_another(tiny_data, cpu_runtime):
+    """DOC_MASK: sliding windows run across documents, yet no score outside a document moves
+    when its tokens change (with the mask off, later scores do)."""
+    tokens, tables = _stream(tiny_data)
+    first, end = tg.document_spans(tokens)[1]
+    changed = tokens.clone()
+    changed[first + 1 : end] = torch.where(changed[first + 1 : end] == tg.BOS_ID, 2, (changed[first + 1 : end] * 7 + 3) % 300 + 2)
+
+    def scores(doc_mask, toks):
+        torch.manual_seed(0)
+        model = tg.GPT(tiny_hyperparameters(eval_seq_len=SEQ, doc_mask=doc_mask))
+        for p in model.parameters():
+            p.data.normal_(0, 0.15)
+        model.looping = True
+        return _evaluate(model, toks, tables, "sliding", cpu_runtime, return_token_nll=True).token_nll
+
+    masked, masked_changed = scores(True, tokens), scores(True, changed)
+    assert torch.equal(masked[:first], masked_changed[:first]) and torch.equal(masked[end:], masked_changed[end:])
+    assert not torch.equal(masked[first:end], masked_changed[first:end])
+    plain, plain_changed = scores(False, tokens), scores(False, changed)
+    assert not torch.equal(plain[end:], plain_changed[end:])

@@ -317,3 +317,62 @@ def test_lanes_carry_from_one_two_lane_block_to_the_next():
     lane0, lane1 = b[3](x3, x0, x1, model.skip_weights[1], model.skip_gates[1], lane1=x3)
     lane0, lane1 = b[4](lane0, x0, lane1=lane1)
     assert torch.allclose(model.hidden_states(ids), tg.rms_norm(0.5 * (lane0 + lane1)))
+
+
+def _masked_model(doc_mask: bool):
+    h = tiny_hyperparameters(doc_mask=doc_mask)
+    torch.manual_seed(0)
+    model = tg.GPT(h).double()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model.looping = True
+    return model
+
+
+def test_document_mask_keeps_each_document_to_itself():
+    """DOC_MASK: changing a document's tokens changes nothing in the next document of the same
+    window (with the mask off it does), and a window without a BOS inside is plain causal."""
+    ids = torch.randint(2, 200, (2, 24))
+    ids[:, 10] = tg.BOS_ID  # a second document from position 10
+    changed = ids.clone()
+    changed[:, 2:10] = (changed[:, 2:10] + 5) % 190 + 2  # the first document's tokens, never a BOS
+    masked, plain = _masked_model(True), _masked_model(False)
+    assert torch.equal(masked.hidden_states(changed)[:, 10:], masked.hidden_states(ids)[:, 10:])
+    assert not torch.allclose(plain.hidden_states(changed)[:, 10:], plain.hidden_states(ids)[:, 10:])
+    one_document = ids.clone()
+    one_document[:, 10] = 7
+    torch.testing.assert_close(masked.hidden_states(one_document), plain.hidden_states(one_document), rtol=1e-12, atol=1e-12)
+
+
+def test_flex_document_mask_equals_the_dense_mask():
+    """The FlexAttention path (block mask, GQA) gives SDPA's result with the dense mask; CPU has
+    FlexAttention's forward only (the backward runs in the GPU test below)."""
+    torch.manual_seed(0)
+    B, T, H, Hkv, D = 2, 256, 4, 2, 16
+    ids = torch.randint(2, 100, (B, T))
+    ids[0, [0, 70, 200]] = tg.BOS_ID
+    ids[1, 130] = tg.BOS_ID  # row 1 starts inside a document
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    dense = tg.document_attention_mask(ids, flex=False)
+    with torch.no_grad():
+        flex = tg.causal_attention(q, k, v, "flex", tg.document_attention_mask(ids, flex=True))
+    torch.testing.assert_close(flex, tg.causal_attention(q, k, v, "math", dense), rtol=1e-5, atol=1e-5)
+    doc = torch.cumsum(ids == tg.BOS_ID, 1)
+    expected = torch.stack([torch.tensor([[kv <= q_ and doc[b, kv] == doc[b, q_] for kv in range(T)] for q_ in range(T)]) for b in range(B)])
+    assert torch.equal(dense[:, 0], expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on CUDA")
+def test_flex_document_mask_gradients_on_gpu():
+    torch.manual_seed(0)
+    B, T, H, Hkv, D = 2, 512, 8, 4, 64
+    ids = torch.randint(2, 100, (B, T), device="cuda")
+    ids[0, [0, 100, 333]] = tg.BOS_ID
+    q, k, v = (torch.randn(B, T, n, D, device="cuda", requires_grad=True) for n in (H, Hkv, Hkv))
+    flex = torch.compile(tg.causal_attention)(q, k, v, "flex", tg.document_attention_mask(ids, flex=True))
+    grads = torch.autograd.grad(flex.square().sum(), (q, k, v))
+    dense = tg.causal_attention(q, k, v, "math", tg.document_attention_mask(ids, flex=False))
+    expected = torch.autograd.grad(dense.square().sum(), (q, k, v))
+    torch.testing.assert_close(flex, dense, rtol=2e-3, atol=2e-3)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=2e-3, atol=2e-3)

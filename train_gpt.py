@@ -942,9 +942,9 @@ class GPT(nn.Module):
 
 
 def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> str:
-    """Picks the attention kernel (FA3 when importable, else the requested/fastest SDPA backend;
-    with SPEEDUPS, cuDNN reads the grouped K and V directly; FlexAttention with DOC_MASK) and, with SPEEDUPS on a CUDA device
-    with Triton, the fused loss kernel. Returns a summary for the log."""
+    """Picks the attention kernel (FlexAttention with DOC_MASK; else FA3 when importable, else the
+    requested/fastest SDPA backend; with SPEEDUPS, cuDNN reads the grouped K and V directly) and,
+    with SPEEDUPS on a CUDA device with Triton, the fused loss kernel. Returns a summary for the log."""
     backend = h.attention_backend
     if device.type != "cuda":
         backend = "math"  # with DOC_MASK: SDPA with the dense mask

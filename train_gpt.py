@@ -624,10 +624,10 @@ def document_attention_mask(ids: torch.Tensor, flex: bool) -> "BlockMask | torch
 
 def causal_attention(q, k, v, backend: str, mask: "BlockMask | torch.Tensor | None" = None) -> torch.Tensor:
     """q: [B, T, H, D]; k, v: [B, T, Hkv, D] (grouped-query). Returns [B, T, H, D]. With a mask
-    (DOC_MASK): document-masked, by FlexAttention (backend "flex") or SDPA with the dense mask."""
+    (DOC_MASK): document-masked, by FlexAttention (a block mask) or SDPA (a dense mask)."""
     if mask is not None:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if backend == "flex":
+        if isinstance(mask, BlockMask):
             return flex_attention(q, k, v, block_mask=mask, enable_gqa=True).transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
     if backend == "fa3":
@@ -877,6 +877,7 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))
         self.token_loss = SoftcapTokenLoss(h.logit_softcap)
         self.looping = False  # depth recurrence on/off (switched during training)
+        self.dense_masks = False  # DOC_MASK as dense masks for SDPA, set by eager(model)
         self._init_weights()
 
     @torch.no_grad()
@@ -900,7 +901,7 @@ class GPT(nn.Module):
         outputs on a stack; the second half pop them as U-Net skips. adapters: LoRA TTT's, one
         set per row and virtual layer. With DOC_MASK every layer's attention stays inside each
         document of the window."""
-        mask = document_attention_mask(ids, self.blocks[0].attn.backend == "flex") if self.h.doc_mask else None
+        mask = document_attention_mask(ids, self.blocks[0].attn.backend == "flex" and not self.dense_masks) if self.h.doc_mask else None
         x = self.tok_emb(ids)
         if self.smear is not None:
             x = self.smear(x, ids)
@@ -939,6 +940,19 @@ class GPT(nn.Module):
     def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token negative log-likelihood (nats), shaped like targets."""
         return self.token_loss(hidden, self.tok_emb.weight, targets, "none").view(targets.shape)
+
+
+@contextlib.contextmanager
+def eager(model: GPT):
+    """Runs the model without its compiled graphs, for one-off passes (calibration, the LoRA TTT
+    phases) that would otherwise compile new variants. DOC_MASK's masks then go to SDPA as dense
+    masks: FlexAttention's eager path would hold all B x H x T x T scores."""
+    model.dense_masks = True
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        model.dense_masks = False
 
 
 def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> str:
@@ -1354,7 +1368,7 @@ def collect_hessians(model: GPT, loader: TrainLoader, num_seqs: int, rt: Runtime
             hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: accumulate(name, args[0])))
     local = num_seqs // rt.world_size + (rt.rank < num_seqs % rt.world_size)
     try:
-        with torch.compiler.set_stance("force_eager"), autocast(rt.device):
+        with eager(model), autocast(rt.device):
             done = 0
             while done < local:
                 x, _ = loader.next_batch()
@@ -1562,7 +1576,7 @@ def measure_rounding_damage(model: GPT, qstate: dict, loader: TrainLoader, num_s
         return (total[0] / total[1]).item()
 
     damage = {}
-    with torch.compiler.set_stance("force_eager"):
+    with eager(model):
         base = mean_loss()
         for group, names in quantization_groups(model).items():
             kept = [params[n].detach().clone() for n in names]
@@ -2346,7 +2360,7 @@ def global_sgd_phase(model: GPT, tokens: torch.Tensor, docs: list[tuple[int, int
     ttt = TTTConfig(h.ttt_chunk_tokens, h.lora_ttt_phase_lr, h.ttt_momentum, 1, h.ttt_batch_seqs, h.ttt_grad_clip)
     num_steps = (len(stream) - 1) // ttt.chunk_tokens  # a step reads targets up to its chunk's end: all inside the stream
     optimizer = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum)
-    with torch.compiler.set_stance("force_eager"):
+    with eager(model):
         for step in range(num_steps):
             lr = ttt.lr * 0.5 * (1 + math.cos(math.pi * step / num_steps))
             _ttt_train_chunk(model, optimizer, stream, step * ttt.chunk_tokens, ttt.chunk_tokens, h.eval_seq_len, lr, ttt, rt, None)

@@ -376,3 +376,24 @@ def test_flex_document_mask_gradients_on_gpu():
     torch.testing.assert_close(flex, dense, rtol=2e-3, atol=2e-3)
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e, rtol=2e-3, atol=2e-3)
+
+
+def test_eager_passes_use_dense_document_masks(monkeypatch):
+    """Calibration and the LoRA TTT phases run eagerly (eager(model)); there DOC_MASK's mask is
+    dense, for SDPA, even where the compiled blocks use FlexAttention, whose eager path would
+    hold every score (on CPU it has no backward at all, which makes the difference visible)."""
+    model = _masked_model(True).float()
+    for block in model.blocks:
+        block.attn.backend = "flex"
+    ids = torch.randint(2, 200, (2, 256))
+    ids[:, 100] = tg.BOS_ID
+    seen = []
+    original = tg.causal_attention
+    monkeypatch.setattr(tg, "causal_attention", lambda q, k, v, backend, mask=None: seen.append(type(mask)) or original(q, k, v, backend, mask))
+    with tg.eager(model):
+        model.hidden_states(ids).sum().backward()  # FlexAttention would raise here
+    assert not model.dense_masks
+    with torch.no_grad():
+        model.hidden_states(ids)
+    layers = len(model.layer_order())
+    assert seen == [torch.Tensor] * layers + [tg.BlockMask] * layers

@@ -12,6 +12,10 @@ OUT/<variant>_s<seed>/ (log, submission.json, artifact); the table is printed an
 OUT/summary.txt ("gap": quantized - EMA, for changes to the quantization alone). --report
 only re-reads OUT. A fixed-step run needs ITERATIONS and a
 MAX_WALLCLOCK_SECONDS far past what the steps take (the schedule then follows the steps).
+
+--eval-only compares evaluation settings on the same weights: per seed the baseline trains (and
+evaluates), then every other variant evaluates the baseline's artifact (EVAL_ONLY=1), one after
+another on the same GPU: no training noise between A and B, and one training per seed.
 """
 
 import argparse
@@ -48,19 +52,35 @@ def run_one(out: Path, name: str, env: dict, seed: int, gpu: str | None, cpu_thr
     return f"{name}_s{seed}: exit {proc.returncode} in {time.time() - t0:.0f}s"
 
 
-def run_all(out: Path, variants: dict, seeds: list[int], common: dict, gpus: list[str | None]):
-    jobs = queue.Queue()
+def plan(out: Path, variants: dict, seeds: list[int], common: dict, eval_only: bool) -> list[list[tuple[str, dict, int]]]:
+    """The runs as chains of (name, env, seed), each chain run in order on one GPU: one run per
+    chain, or with eval_only one chain per seed, the baseline's training run first and the other
+    variants evaluating its artifact after it."""
+    base = next(iter(variants))
+    chains = []
     for seed in seeds:
-        for name, env in variants.items():
-            jobs.put((name, {**common, **env}, seed))
+        runs = [(name, {**common, **env}, seed) for name, env in variants.items()]
+        if not eval_only:
+            chains.extend([run] for run in runs)
+            continue
+        artifact = {"EVAL_ONLY": "1", "ARTIFACT_PATH": str(out / f"{base}_s{seed}" / "final_model.pgq")}
+        chains.append([runs[0]] + [(name, {**env, **artifact}, seed) for name, env, seed in runs[1:]])
+    return chains
+
+
+def run_all(out: Path, variants: dict, seeds: list[int], common: dict, gpus: list[str | None], eval_only: bool = False):
+    jobs = queue.Queue()
+    for chain in plan(out, variants, seeds, common, eval_only):
+        jobs.put(chain)
 
     def worker(gpu):
         while True:
             try:
-                name, env, seed = jobs.get_nowait()
+                chain = jobs.get_nowait()
             except queue.Empty:
                 return
-            print(run_one(out, name, env, seed, gpu, max(1, (os.cpu_count() or 1) // len(gpus))), flush=True)
+            for name, env, seed in chain:
+                print(run_one(out, name, env, seed, gpu, max(1, (os.cpu_count() or 1) // len(gpus))), flush=True)
 
     threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
     for t in threads:
@@ -95,7 +115,8 @@ def report(out: Path, variants: list[str], seeds: list[int]) -> str:
             else:
                 stages = " ".join(f"{k} {r['val_bpb_stages'][k]:.5f}" for k in STAGES if k in r["val_bpb_stages"])
                 tps = r.get("train_tokens_per_second", {})
-                lines.append(f"  {name} seed {s}: steps {r['steps']} {stages} | tok/s {tps.get('before_looping', 0):,} / {tps.get('looping', 0):,} | bytes {r['artifact_bytes']['total']:,}")
+                trained = f"steps {r['steps']} " if "steps" in r else "evaluation only, "  # an EVAL_ONLY run has no training figures
+                lines.append(f"  {name} seed {s}: {trained}{stages} | tok/s {tps.get('before_looping', 0):,} / {tps.get('looping', 0):,} | bytes {r['artifact_bytes']['total']:,}")
     for name in variants[1:]:
         lines.append(f"{name} - {base}:")
         for k in (*STAGES, "gap"):
@@ -125,6 +146,7 @@ def main():
     ap.add_argument("--common", default="", help="settings of every run, 'KEY=VALUE ...'")
     ap.add_argument("--variant", action="append", required=True, help="NAME='KEY=VALUE ...' (the first is the baseline)")
     ap.add_argument("--gpus", default="", help="comma-separated GPU ids, one run per GPU at a time")
+    ap.add_argument("--eval-only", action="store_true", help="the variants evaluate the baseline's artifact of each seed (EVAL_ONLY)")
     ap.add_argument("--report", action="store_true", help="only print the table of the runs in OUT")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -138,7 +160,7 @@ def main():
         common = parse_env(args.common)
         if "ITERATIONS" not in common:
             ap.error("--common must set ITERATIONS (B4 runs a fixed number of steps)")
-        run_all(args.out, variants, seeds, common, args.gpus.split(",") if args.gpus else [None])
+        run_all(args.out, variants, seeds, common, args.gpus.split(",") if args.gpus else [None], args.eval_only)
     table = report(args.out, list(variants), seeds)
     print(table)
     (args.out / "summary.txt").write_text(table + "\n")

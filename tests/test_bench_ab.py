@@ -1,4 +1,4 @@
-"""bench/ab.py's report: the differences every A/B table in the README comes from."""
+"""bench/ab.py's report (the differences every A/B table in the README comes from) and run plan."""
 
 import importlib.util
 import json
@@ -36,3 +36,27 @@ def test_report_names_a_missing_run_and_compares_the_seeds_that_have_both(tmp_pa
     table = ab.report(tmp_path, ["base", "b"], [1, 2])
     assert "  b seed 2: no result" in table
     assert "  quantized mean +0.00400  per seed [+0.00400]" in table
+
+
+def test_eval_only_plan_trains_once_per_seed_and_evaluates_its_artifact(tmp_path):
+    variants = {"base": {}, "phases": {"LORA_TTT_PHASES": "3"}, "beta2": {"NGRAM_TILT_BETA": "2"}}
+    common = {"ITERATIONS": "100"}
+    assert ab.plan(tmp_path, variants, [1, 2], common, eval_only=False) == [[(n, {**common, **e}, s)] for s in (1, 2) for n, e in variants.items()]
+    chains = ab.plan(tmp_path, variants, [1, 2], common, eval_only=True)
+    assert [[(name, seed) for name, _, seed in chain] for chain in chains] == [[("base", 1), ("phases", 1), ("beta2", 1)], [("base", 2), ("phases", 2), ("beta2", 2)]]
+    for chain in chains:
+        (_, train_env, seed), *evals = chain
+        assert "EVAL_ONLY" not in train_env and train_env["ITERATIONS"] == "100"
+        for name, env, _ in evals:
+            assert env["EVAL_ONLY"] == "1" and env["ARTIFACT_PATH"] == str(tmp_path / f"base_s{seed}" / "final_model.pgq")
+            assert all(env[k] == v for k, v in variants[name].items())
+
+
+def test_report_of_evaluation_only_runs(tmp_path):
+    _result(tmp_path, "base", 1, ema=1.700, quantized=1.702)
+    run = tmp_path / "b_s1"
+    run.mkdir()
+    (run / "submission.json").write_text(json.dumps(dict(val_bpb_stages=dict(quantized=1.702, lora_ttt=1.650), artifact_bytes=dict(total=15_000_000))))
+    table = ab.report(tmp_path, ["base", "b"], [1])
+    assert "  b seed 1: evaluation only, quantized 1.70200 lora_ttt 1.65000" in table
+    assert "  quantized mean +0.00000  per seed [+0.00000]" in table

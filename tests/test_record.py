@@ -117,6 +117,7 @@ def test_best_score_from_another_record_folder(three_runs):
         ({"train_seconds": 600.5}, "training took 600.5s, over 600s"),
         ({"stage_seconds.eval_ttt": 520.0}, "evaluation took 609.0s, over 600s"),
         ({"stage_seconds.compile_lora_ttt": 212.0}, "evaluation took 601.0s, over 600s"),  # the LoRA TTT compile counts
+        ({"eval_total_seconds": 600.5}, "evaluation took 600.5s, over 600s"),  # the run's own clock, where it has one
         ({"code_sha256": "0" * 64}, "the runs' counted code differs"),
         ({"artifact_bytes.code": 5}, "counted a code size other than the --code file's"),
     ],

@@ -24,7 +24,7 @@ ARTIFACT_LIMIT_BYTES = 16_000_000
 TIME_LIMIT_SECONDS = 600.0
 REQUIRED_GAIN_NATS = 0.005
 SIGNIFICANCE = 0.01
-EVAL_STAGES = ("load_artifact", "compile_lora_ttt", "eval_quantized", "eval_lora_ttt", "eval_sliding", "eval_ttt")  # what a scoring run does after training
+EVAL_STAGES = ("load_artifact", "compile_eval", "compile_lora_ttt", "eval_quantized", "eval_lora_ttt", "eval_sliding", "eval_ttt")  # what a scoring run does after training
 
 
 class RecordRefused(ValueError):

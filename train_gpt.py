@@ -2088,6 +2088,17 @@ def evaluate(model, tokens, target_bytes, seq_len, stride, batch_seqs, rt, ttt: 
     return EvalResult(acc.nll.item(), acc.bytes.item(), int(acc.count.item()), time.perf_counter() - t0, acc.token_nll, chunk_seconds, train_steps)
 
 
+def warm_up_windows(model, h: Hyperparameters, device: torch.device):
+    """Compiles the plain and sliding evaluations' graphs (batches of EVAL_BATCH_SEQS windows,
+    scoring EVAL_SEQ_LEN or EVAL_STRIDE targets each) on random tokens, never validation tokens;
+    the scores are discarded."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, h.vocab_size, (h.eval_seq_len + 1,), generator=g).to(device)
+    for scored in sorted({h.eval_seq_len, h.eval_stride}):
+        _score_windows(model, tokens, [(0, scored)], h.eval_seq_len, h.eval_batch_seqs, torch.ones(len(tokens), device=device), _Accumulator(device, None), device)
+    synchronize(device)
+
+
 def _ttt_train_chunk(model, optimizer, tokens, first_target, chunk, seq_len, lr, ttt, rt, trace) -> int:
     """SGD on the chunk's (already scored) targets first_target .. first_target+chunk-1:
     ttt.epochs passes in global batches of ttt.batch_seqs sequences split across ranks,
@@ -2467,6 +2478,8 @@ def run_evaluations(model, val_tokens, target_bytes, h, rt, log, timer, results:
     def windows(stride, ttt=None):
         return lambda: evaluate(model, val_tokens, target_bytes, h.eval_seq_len, stride, h.eval_batch_seqs, rt, ttt)
 
+    with timer("compile_eval"):
+        warm_up_windows(model, h, rt.device)
     stages = [("quantized", windows(None))]
     if h.lora_ttt:
         with timer("compile_lora_ttt"):

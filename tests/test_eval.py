@@ -175,3 +175,23 @@ def test_with_doc_mask_a_document_changes_no_score_of_another(tiny_data, cpu_run
     assert not torch.equal(masked[first:end], masked_changed[first:end])
     plain, plain_changed = scores(False, tokens), scores(False, changed)
     assert not torch.equal(plain[end:], plain_changed[end:])
+
+
+def test_window_warm_up_runs_every_shape_of_the_plain_and_sliding_passes(tiny_data, cpu_runtime, monkeypatch):
+    """The warm-up (random tokens) runs the blocks and the head at every shape the plain and
+    sliding evaluations then run, without gradients, and changes no weight."""
+    h = tiny_hyperparameters(eval_seq_len=SEQ, eval_stride=STRIDE, eval_batch_seqs=4)
+    tokens, tables = _stream(tiny_data)
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    shapes = {"warm": set(), "eval": set()}
+    phase = "warm"
+    original_hidden, original_nll = model.hidden_states, model.token_nll
+    model.hidden_states = lambda x, adapters=None: shapes[phase].add(("blocks", tuple(x.shape), torch.is_grad_enabled())) or original_hidden(x, adapters)
+    model.token_nll = lambda hidden, y: shapes[phase].add(("head", tuple(hidden.shape))) or original_nll(hidden, y)
+    tg.warm_up_windows(model, h, cpu_runtime.device)
+    phase = "eval"
+    for stride in (None, STRIDE):
+        tg.evaluate(model, tokens, tg.validation_target_bytes(tokens, tables), SEQ, stride, 4, cpu_runtime)
+    assert shapes["warm"] == shapes["eval"] and len(shapes["eval"]) == 3  # blocks [4, SEQ]; head with SEQ and STRIDE targets
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

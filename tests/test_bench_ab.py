@@ -1,4 +1,4 @@
-"""bench/ab.py's report (the differences every A/B table in the README comes from) and run plan."""
+"""bench/ab.py's report (the differences every A/B table in the README comes from) and run plan; bench/timing_artifact.py."""
 
 import importlib.util
 import json
@@ -60,3 +60,16 @@ def test_report_of_evaluation_only_runs(tmp_path):
     table = ab.report(tmp_path, ["base", "b"], [1])
     assert "  b seed 1: evaluation only, quantized 1.70200 lora_ttt 1.65000" in table
     assert "  quantized mean +0.00000  per seed [+0.00000]" in table
+
+
+def test_timing_artifact_loads_as_a_looping_model():
+    from conftest import tiny_hyperparameters
+
+    spec = importlib.util.spec_from_file_location("timing_artifact", ROOT / "bench" / "timing_artifact.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    h = tiny_hyperparameters(artifact_target_bytes=0, lqer_rank=0)
+    state, looping = module.tg.unpack_artifact(module.timing_artifact(h), h)
+    model = module.tg.GPT(h)
+    model.load_state_dict(state)
+    assert looping and set(state) == set(model.state_dict())

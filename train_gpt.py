@@ -2223,18 +2223,23 @@ class RowAdamW:
 
     @torch.no_grad()
     def step(self):
+        """One step of every row, each tensor op applied to all tensors at once (foreach: a few
+        launches instead of a few per tensor; every adapter tensor is [rows, in, out])."""
         self.steps += 1
-        correction = (1 - self.beta2**self.steps).rsqrt()
-        for p, v in zip(self.params, self.v):
-            v.mul_(self.beta2).addcmul_(p.grad, p.grad, value=1 - self.beta2)
-            p.mul_(1 - self.lr * self.weight_decay)
-            denom = v.sqrt().mul_(correction.to(v.dtype).view(-1, *[1] * (p.dim() - 1))).add_(self.eps)
-            p.addcdiv_(p.grad, denom, value=-self.lr)
+        correction = (1 - self.beta2**self.steps).rsqrt().to(self.v[0].dtype).view(-1, 1, 1)
+        grads = [p.grad for p in self.params]
+        torch._foreach_mul_(self.v, self.beta2)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1 - self.beta2)
+        torch._foreach_mul_(self.params, 1 - self.lr * self.weight_decay)
+        denom = torch._foreach_sqrt(self.v)
+        torch._foreach_mul_(denom, [correction] * len(denom))  # per row, broadcast
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(self.params, grads, denom, value=-self.lr)
 
     def zero_grad(self):
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.zero_()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:  # none before the first backward
+            torch._foreach_zero_(grads)
 
 
 def _adapted_token_nll(model: GPT, adapters: DocumentAdapters, x: torch.Tensor, y: torch.Tensor, positions: torch.Tensor, hints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2398,6 +2403,9 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     tokens, target_bytes = tokens.to(rt.device), target_bytes.to(rt.device)
     queue = BatchQueue(len(batches), rt)
     held = []  # a batch number this rank claimed past a phase boundary: its first after the phase
+    if log is not None:  # a document's chunks run one after another: the longest one is a floor on a rank's time
+        chunks = [-(-(end - first) // h.lora_ttt_chunk_tokens) for first, end in docs]
+        log(f"  lora_ttt: {len(docs):,} documents in {len(batches)} batches, {sum(chunks):,} chunks; the longest document {docs[0][1] - docs[0][0]:,} targets ({chunks[0]:,} chunks)")
 
     def claim_below(limit):
         number = held.pop() if held else queue.claim()

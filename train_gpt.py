@@ -230,6 +230,7 @@ class Hyperparameters:
         need(chunk_seqs % self.ttt_batch_seqs == 0, f"TTT_BATCH_SEQS={self.ttt_batch_seqs}: must divide the {chunk_seqs} sequences of a TTT chunk")
         need(self.ttt_batch_seqs % world_size == 0, f"TTT_BATCH_SEQS={self.ttt_batch_seqs}: must be a multiple of world size {world_size}")
         need(not self.lora_ttt or self.lora_ttt_chunk_tokens <= self.eval_seq_len, f"LORA_TTT_CHUNK_TOKENS={self.lora_ttt_chunk_tokens}: must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(self.ngram_tilt_beta == 0 or self.ngram_tilt_order * (self.vocab_size - 1).bit_length() <= 63, f"NGRAM_TILT_ORDER={self.ngram_tilt_order}: {self.ngram_tilt_order} token ids of VOCAB_SIZE={self.vocab_size} do not fit the 63-bit n-gram codes")
         need(not self.doc_mask or self.attention_backend == "auto", f"DOC_MASK=1 runs FlexAttention: leave ATTENTION_BACKEND=auto (not {self.attention_backend})")
         if self.attention_backend == "fa3":
             need(flash_attn_3 is not None, "ATTENTION_BACKEND=fa3: flash_attn_interface is not importable")
@@ -2147,7 +2148,8 @@ def ngram_hints(doc: np.ndarray, order: int) -> np.ndarray:
     if len(doc) <= order:
         return hints
     ends = np.arange(order - 1, len(doc))  # n-grams by their last position
-    codes = sum(doc[ends - i].astype(np.int64) << (13 * i) for i in range(order))  # exact: 13 bits per token (vocab <= 8192)
+    bits = max(1, int(doc.max()).bit_length())  # exact codes: every id of the document fits in `bits` bits
+    codes = sum(doc[ends - i].astype(np.int64) << (bits * i) for i in range(order))
     by_code = np.lexsort((ends, codes))  # each n-gram's occurrences together, in order of position
     repeat = codes[by_code[1:]] == codes[by_code[:-1]]
     later, earlier = ends[by_code[1:][repeat]], ends[by_code[:-1][repeat]]

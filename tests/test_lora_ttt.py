@@ -189,9 +189,10 @@ def test_batch_queue_hands_out_every_batch_once():
     assert [queue.claim() for _ in range(5)] == [0, 1, 2, None, None]
 
 
-def test_ngram_hints_follow_the_latest_earlier_match_inside_the_document():
+@pytest.mark.parametrize("alphabet", [[2, 3, 4, 5], [2, 3, 8193, 8194]], ids=["small ids", "ids past 13 bits"])  # 8194 + (8193 << 13) == 2 + (8194 << 13)
+def test_ngram_hints_follow_the_latest_earlier_match_inside_the_document(alphabet):
     g = torch.Generator().manual_seed(0)
-    doc = torch.randint(2, 6, (300,), generator=g).numpy()  # a small alphabet: many repeats
+    doc = torch.tensor(alphabet)[torch.randint(0, 4, (300,), generator=g)].numpy()  # a small alphabet: many repeats
     doc[0] = tg.BOS_ID
     for order in (1, 2, 3):
         expected = [-1] * len(doc)

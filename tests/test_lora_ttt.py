@@ -134,6 +134,36 @@ def test_two_ranks_give_the_same_totals(tiny_data, cpu_runtime, overrides):
         assert nll == pytest.approx(single.nll_sum, rel=1e-9)
 
 
+def _lora_trace_on_rank(rank, world_size, tokens, tables):
+    rt = tg.Runtime(rank, world_size, 0, torch.device("cpu"))
+    trace = []
+    _lora(tokens, tables, rt, h=_h(**TWO_PHASES), model=_model().double(), trace=trace)
+    return trace
+
+
+def test_across_ranks_every_phase_trains_only_on_documents_some_rank_finished_before_it(tiny_data):
+    """Two ranks: each phase's documents were fully scored, between them, before that phase
+    (the ranks enter a phase together: its steps all-reduce), and each document once."""
+    tokens, tables, docs = _documents(tiny_data)
+    ends = dict(docs)
+    traces = run_distributed(_lora_trace_on_rank, 2, tokens, tables)
+    finished = [[] for _ in traces]  # per rank and phase: the documents it had finished by then
+    for rank, trace in enumerate(traces):
+        scored = {}
+        for event in trace:
+            if event[0] == "score":
+                scored[event[1]] = event[3]
+            elif event[0] == "phase":
+                assert all(end == ends[first] for first, end in scored.items()), "a rank entered a phase with a document half-scored"
+                finished[rank].append({first for first in scored})
+    phases = [[event[1] for event in trace if event[0] == "phase"] for trace in traces]
+    assert phases[0] == phases[1] and [len(p) for p in phases[0]] == [1, 2]  # both ranks train on the same documents
+    for p, documents in enumerate(phases[0]):
+        assert {first for first, _ in documents} <= finished[0][p] | finished[1][p]
+    scored_by = [{e[1] for e in trace if e[0] == "score"} for trace in traces]
+    assert not scored_by[0] & scored_by[1] and scored_by[0] | scored_by[1] == set(ends)  # every document on one rank
+
+
 def test_phases_train_on_exactly_the_documents_scored_before_them(tiny_data):
     tokens, tables, docs = _documents(tiny_data)
     queue = sorted(docs, key=lambda d: d[0] - d[1])

@@ -37,6 +37,13 @@ def _stream(tiny_data, windows=20):
     return tokens[: SEQ * windows + 1], tg.build_byte_tables(sp)
 
 
+def _scrambled(tokens, start, end):
+    """A copy with tokens [start, end) changed, none of them into a BOS (a BOS stays one)."""
+    changed, part = tokens.clone(), tokens[start:end]
+    changed[start:end] = torch.where(part == tg.BOS_ID, part, (part * 7 + 3) % 300 + 2)
+    return changed
+
+
 def _evaluate(model, tokens, tables, mode, rt, **kw):
     return tg.evaluate(model, tokens, tg.validation_target_bytes(tokens, tables), SEQ, MODES[mode]["stride"], 4, rt, MODES[mode]["ttt"], **kw)
 
@@ -159,8 +166,7 @@ def test_with_doc_mask_a_document_changes_no_score_of_another(tiny_data, cpu_run
     when its tokens change (with the mask off, later scores do)."""
     tokens, tables = _stream(tiny_data)
     first, end = tg.document_spans(tokens)[1]
-    changed = tokens.clone()
-    changed[first + 1 : end] = torch.where(changed[first + 1 : end] == tg.BOS_ID, 2, (changed[first + 1 : end] * 7 + 3) % 300 + 2)
+    changed = _scrambled(tokens, first + 1, end)  # inside the document: no BOS there
 
     def scores(doc_mask, toks):
         torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 import train_gpt as tg
 from conftest import tiny_hyperparameters
 from distributed import run_distributed
-from test_eval import SEQ, _model, _stream
+from test_eval import SEQ, _model, _scrambled, _stream
 
 CHUNK = 8
 
@@ -104,8 +104,7 @@ def test_changing_one_document_changes_no_other_document_nor_its_own_past(learne
     base = r.token_nll
     first, end = max(docs, key=lambda d: d[1] - d[0])  # the longest: several chunks, a step after each
     t = first + CHUNK + 3  # inside its second chunk
-    changed = tokens.clone()
-    changed[t + 1 : end] = torch.where(changed[t + 1 : end] == tg.BOS_ID, changed[t + 1 : end], (changed[t + 1 : end] * 7 + 3) % 300 + 2)  # never a BOS
+    changed = _scrambled(tokens, t + 1, end)
     assert not torch.equal(changed, tokens)
     nll = _lora(changed, tables, cpu_runtime, return_token_nll=True).token_nll
     assert torch.equal(nll[: t], base[: t]) and torch.equal(nll[end:], base[end:]), "a score outside the changed document's future moved"
@@ -199,8 +198,7 @@ def test_a_phase_changes_only_the_scores_after_it(tiny_data):
     assert not torch.allclose(scores(phased, queue[2:]), scores(plain, queue[2:]))
     first, end = queue[1]
     t = first + (end - first) // 2
-    changed = tokens.clone()
-    changed[t + 1 : end] = torch.where(changed[t + 1 : end] == tg.BOS_ID, changed[t + 1 : end], (changed[t + 1 : end] * 7 + 3) % 300 + 2)
+    changed = _scrambled(tokens, t + 1, end)
     moved = _lora(changed, tables, CPU, h=_h(**PHASED), model=copy.deepcopy(model), return_token_nll=True).token_nll
     assert torch.equal(scores(moved, [queue[0], (first, t)]), scores(phased, [queue[0], (first, t)]))
     assert not torch.allclose(scores(moved, queue[2:]), scores(phased, queue[2:]))
@@ -259,8 +257,7 @@ def test_tilt_changes_scores_and_keeps_documents_apart(learned, cpu_runtime):
     assert tilted.untilted_nll_sum == pytest.approx(r.nll_sum, rel=1e-12) and tilted.nll_sum != pytest.approx(r.nll_sum, rel=1e-6)
     first, end = max(docs, key=lambda d: d[1] - d[0])
     t = first + CHUNK + 3
-    changed = tokens.clone()
-    changed[t + 1 : end] = torch.where(changed[t + 1 : end] == tg.BOS_ID, changed[t + 1 : end], (changed[t + 1 : end] * 7 + 3) % 300 + 2)
+    changed = _scrambled(tokens, t + 1, end)
     nll = _lora(changed, tables, cpu_runtime, h=h, return_token_nll=True).token_nll
     assert torch.equal(nll[:t], tilted.token_nll[:t]) and torch.equal(nll[end:], tilted.token_nll[end:])
 

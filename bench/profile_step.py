@@ -3,7 +3,8 @@ prints the CUDA time per kernel category, the top kernels and the measured token
 
     DATA_DIR=... [SPEEDUPS=0] python3 bench/profile_step.py [regional|full] [looping] [autotune] [coord]
 
-regional: train_gpt.py's per-block compile; full: torch.compile of the whole model forward.
+regional: train_gpt.py's per-block compile; full: torch.compile of the whole hidden_states (every
+block unrolled in one graph, so Inductor fuses across block boundaries; the loss as in train_gpt.py).
 autotune: blocks compiled with mode="max-autotune-no-cudagraphs" (Triton GEMM templates with
 fused epilogues); coord: Inductor's coordinate-descent tuning of its kernels. SPEEDUPS=0 profiles
 train_gpt.py's plain path.
@@ -63,9 +64,11 @@ def main():
         mode += "+autotune"
     elif mode.startswith("regional"):
         tg.compile_model(model)
-    else:
+    else:  # training_loss calls hidden_states: compiling forward would leave the training step eager
         torch._dynamo.config.cache_size_limit = 64
-        model.forward = torch.compile(model.forward, dynamic=False)
+        model.hidden_states = torch.compile(model.hidden_states, dynamic=False, fullgraph=True)
+        if not model.token_loss.fused:
+            model.token_loss.compile(dynamic=False, fullgraph=True)
     model.looping = looping
     opt = tg.Optimizers(model, h, rt)
     files = tg.find_shards(h, "train")

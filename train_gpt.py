@@ -231,7 +231,6 @@ class Hyperparameters:
         need(self.ttt_batch_seqs % world_size == 0, f"TTT_BATCH_SEQS={self.ttt_batch_seqs}: must be a multiple of world size {world_size}")
         need(not self.lora_ttt or self.lora_ttt_chunk_tokens <= self.eval_seq_len, f"LORA_TTT_CHUNK_TOKENS={self.lora_ttt_chunk_tokens}: must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.ngram_tilt_beta == 0 or self.ngram_tilt_order * (self.vocab_size - 1).bit_length() <= 63, f"NGRAM_TILT_ORDER={self.ngram_tilt_order}: {self.ngram_tilt_order} token ids of VOCAB_SIZE={self.vocab_size} do not fit the 63-bit n-gram codes")
-        need(not self.doc_mask or self.attention_backend == "auto", f"DOC_MASK=1 runs FlexAttention: leave ATTENTION_BACKEND=auto (not {self.attention_backend})")
         if self.attention_backend == "fa3":
             need(flash_attn_3 is not None, "ATTENTION_BACKEND=fa3: flash_attn_interface is not importable")
 
@@ -443,6 +442,7 @@ class TrainLoader:
         self.seq_len, self.batch_seqs, self.vocab_size, self.device = seq_len, batch_seqs, vocab_size, device
         self.rng = np.random.default_rng([seed, rank])
         self.epoch, self.order, self.cursor = 0, np.empty((0, 2), np.int64), 0
+        self.prefetched: torch.Tensor | None = None
 
     def _new_epoch(self):
         parts = []
@@ -468,11 +468,21 @@ class TrainLoader:
             raise ValueError(f"{self.span_files[spans[row]]}: training token id {out[row].max()} >= VOCAB_SIZE={self.vocab_size}")
         return out
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(self) -> torch.Tensor:
         seqs = torch.from_numpy(self.next_sequences())
         if self.device.type == "cuda":
             seqs = seqs.pin_memory().to(self.device, non_blocking=True)
-        seqs = seqs.long()
+        return seqs.long()
+
+    def prefetch(self):
+        """Reads the next micro-batch now and starts its copy to the device. train_step calls it
+        while the GPU still works on the step, so the next step (after the clock's
+        synchronisation) need not wait ~7 ms for the host to read its first batch."""
+        if self.prefetched is None:
+            self.prefetched = self._load()
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs, self.prefetched = self.prefetched if self.prefetched is not None else self._load(), None
         return seqs[:, :-1], seqs[:, 1:]
 
 
@@ -878,7 +888,8 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))
         self.token_loss = SoftcapTokenLoss(h.logit_softcap)
         self.looping = False  # depth recurrence on/off (switched during training)
-        self.dense_masks = False  # DOC_MASK as dense masks for SDPA, set by eager(model)
+        self.flex_masks = False  # DOC_MASK as FlexAttention block masks (CUDA), set by configure_kernels
+        self.dense_masks = False  # DOC_MASK as dense masks for SDPA even so, set by eager(model)
         self._init_weights()
 
     @torch.no_grad()
@@ -901,8 +912,11 @@ class GPT(nn.Module):
         """Final-normed hidden states [B, T, C]. The first half of the virtual layers push their
         outputs on a stack; the second half pop them as U-Net skips. adapters: LoRA TTT's, one
         set per row and virtual layer. With DOC_MASK every layer's attention stays inside each
-        document of the window."""
-        mask = document_attention_mask(ids, self.blocks[0].attn.backend == "flex" and not self.dense_masks) if self.h.doc_mask else None
+        document of the window; LoRA TTT's windows each hold one document already (a BOS at most
+        at the start), so they take the plain causal kernel."""
+        mask = None
+        if self.h.doc_mask and adapters is None:
+            mask = document_attention_mask(ids, flex=self.flex_masks and not self.dense_masks)
         x = self.tok_emb(ids)
         if self.smear is not None:
             x = self.smear(x, ids)
@@ -957,17 +971,17 @@ def eager(model: GPT):
 
 
 def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> str:
-    """Picks the attention kernel (FlexAttention with DOC_MASK; else FA3 when importable, else the
-    requested/fastest SDPA backend; with SPEEDUPS, cuDNN reads the grouped K and V directly) and,
-    with SPEEDUPS on a CUDA device with Triton, the fused loss kernel. Returns a summary for the log."""
+    """Picks the causal attention kernel (FA3 when importable, else the requested/fastest SDPA
+    backend; with SPEEDUPS, cuDNN reads the grouped K and V directly), DOC_MASK's masked kernel
+    (FlexAttention with a document block mask on CUDA: no varlen kernel here; SDPA with the dense
+    mask on CPU) and, with SPEEDUPS on a CUDA device with Triton, the fused loss kernel. Returns a
+    summary for the log."""
     backend = h.attention_backend
     if device.type != "cuda":
-        backend = "math"  # with DOC_MASK: SDPA with the dense mask
-    elif h.doc_mask:  # no varlen kernel here: FlexAttention with a document block mask
-        backend = "flex"
+        backend = "math"
     elif backend == "auto":
         backend = "fa3" if flash_attn_3 is not None else "cudnn"
-    if backend not in ("fa3", "math", "flex"):  # leave SDPA exactly one fused kernel to choose
+    if backend not in ("fa3", "math"):  # leave SDPA exactly one fused kernel to choose
         torch.backends.cuda.enable_cudnn_sdp(backend == "cudnn")
         torch.backends.cuda.enable_flash_sdp(backend == "flash")
         torch.backends.cuda.enable_mem_efficient_sdp(backend == "efficient")
@@ -975,8 +989,10 @@ def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> s
         backend = "cudnn_repeat_kv"
     for block in model.blocks:
         block.attn.backend = backend
+    model.flex_masks = h.doc_mask and device.type == "cuda"
     model.token_loss.fused = h.speedups and device.type == "cuda" and triton is not None
-    return f"attention {backend}, fused loss {'on' if model.token_loss.fused else 'off'}"
+    masks = ", document masks " + ("FlexAttention" if model.flex_masks else "dense") if h.doc_mask else ""
+    return f"attention {backend}{masks}, fused loss {'on' if model.token_loss.fused else 'off'}"
 
 
 def compile_model(model: GPT):
@@ -1241,6 +1257,7 @@ def train_step(model, optimizers, loader, h, rt, accum, lr_mult, momentum, wd_mu
             loss = model.training_loss(x, y)
         (loss / accum).backward()
         total += loss.detach()
+    loader.prefetch()  # the next step's first batch, while the GPU runs this one
     optimizers.step(lr_mult, momentum, h.grad_clip_norm, wd_mult)
     return total / accum
 

@@ -104,7 +104,6 @@ def test_bad_values_name_the_variable(env, message):
         ({"TTT_BATCH_SEQS": "4"}, 8, "TTT_BATCH_SEQS=4: must be a multiple of world size 8"),
         ({"ATTENTION_BACKEND": "fa3"}, 1, "ATTENTION_BACKEND=fa3: flash_attn_interface is not importable"),
         ({"VOCAB_SIZE": "65536", "NGRAM_TILT_ORDER": "4"}, 1, "NGRAM_TILT_ORDER=4: 4 token ids of VOCAB_SIZE=65536 do not fit the 63-bit n-gram codes"),
-        ({"DOC_MASK": "1", "ATTENTION_BACKEND": "cudnn"}, 1, "DOC_MASK=1 runs FlexAttention: leave ATTENTION_BACKEND=auto (not cudnn)"),
     ],
 )
 def test_incompatible_combinations_name_the_variable(env, world_size, message):

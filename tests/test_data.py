@@ -101,6 +101,19 @@ def test_loader_is_deterministic_by_seed_and_rank(tmp_path):
     assert torch.equal(x[:, 1:], y[:, :-1]) and x.dtype == torch.long
 
 
+def test_prefetching_changes_no_batch(tmp_path):
+    """train_step prefetches the next step's first batch: the batches and their order stay those
+    of a loader that never prefetches (a second prefetch before the batch is taken reads nothing)."""
+    files = _shards(tmp_path, [3000, 2000])
+    plain, prefetching = _loader(files, seed=3), _loader(files, seed=3)
+    for i in range(12):
+        if i % 3 == 0:
+            prefetching.prefetch()
+            prefetching.prefetch()
+        for a, b in zip(plain.next_batch(), prefetching.next_batch()):
+            assert torch.equal(a, b)
+
+
 def test_sequences_are_contiguous_cover_an_epoch_without_repeats(tmp_path):
     files = _shards(tmp_path, [1000])
     loader = _loader(files, seq_len=16, batch=1)

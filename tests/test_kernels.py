@@ -35,6 +35,8 @@ def test_configure_kernels_keeps_the_plain_path_on_cpu():
     model = tg.GPT(tiny_hyperparameters())
     summary = tg.configure_kernels(model, tiny_hyperparameters(speedups=True), torch.device("cpu"))
     assert not model.token_loss.fused and summary == "attention math, fused loss off"
+    summary = tg.configure_kernels(model, tiny_hyperparameters(doc_mask=True), torch.device("cpu"))
+    assert not model.flex_masks and summary == "attention math, document masks dense, fused loss off"
 
 
 @pytest.mark.skipif(tg.triton is None, reason="Triton is not installed")

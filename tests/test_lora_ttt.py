@@ -2,6 +2,7 @@
 AdamW step uses only targets already counted; documents never see each other; ranks agree."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -72,6 +73,17 @@ def test_without_learning_each_target_is_scored_from_its_own_document_prefix(tin
                 window = tokens[max(first, chunk_end - SEQ) : k + 1][None]
                 expected[k] = model.token_nll(model.hidden_states(window)[:, -1:], tokens[k + 1 : k + 2][None]).double().item()
     torch.testing.assert_close(r.token_nll, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_with_doc_mask_lora_rows_take_the_plain_causal_kernel(learned, cpu_runtime, monkeypatch):
+    """A LoRA TTT window holds one document (its BOS at most at the start), so DOC_MASK has
+    nothing to mask there: no mask is built and every score is the unmasked model's."""
+    tokens, tables, _, r, _ = learned
+    model = _model()
+    model.h = dataclasses.replace(model.h, doc_mask=True)
+    monkeypatch.setattr(tg, "document_attention_mask", lambda ids, flex: pytest.fail("a document mask for LoRA TTT rows"))
+    masked = _lora(tokens, tables, cpu_runtime, model=model, return_token_nll=True)
+    assert torch.equal(masked.token_nll, r.token_nll)
 
 
 def test_steps_use_only_scored_chunks_of_their_own_document_and_none_after_the_last(learned):

@@ -383,8 +383,7 @@ def test_eager_passes_use_dense_document_masks(monkeypatch):
     dense, for SDPA, even where the compiled blocks use FlexAttention, whose eager path would
     hold every score (on CPU it has no backward at all, which makes the difference visible)."""
     model = _masked_model(True).float()
-    for block in model.blocks:
-        block.attn.backend = "flex"
+    model.flex_masks = True
     ids = torch.randint(2, 200, (2, 256))
     ids[:, 100] = tg.BOS_ID
     seen = []

@@ -305,6 +305,9 @@ class FixedBatches:
     def next_batch(self):
         return self.seqs[:, :-1], self.seqs[:, 1:]
 
+    def prefetch(self):
+        pass
+
 
 def _one_step(rank, world_size, seqs):
     """One train_step on this rank's share of seqs; returns the averaged gradient it used and

@@ -38,6 +38,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,9 +48,9 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 try:  # FlashAttention-3 (Hopper) when installed; otherwise PyTorch SDPA.
-    from flash_attn_interface import flash_attn_func as flash_attn_3
+    from flash_attn_interface import flash_attn_func as flash_attn_3, flash_attn_varlen_func as flash_attn_3_varlen
 except ImportError:
-    flash_attn_3 = None
+    flash_attn_3 = flash_attn_3_varlen = None
 
 try:  # Triton for the fused kernels (CUDA only); without it the plain PyTorch path runs.
     import triton
@@ -81,7 +82,7 @@ class Hyperparameters:
     eval_only: bool = _param(False)  # evaluate ARTIFACT_PATH without training
     compile: bool = _param(True)  # torch.compile the blocks and the loss head
     attention_backend: str = _param("auto", choices=("auto", "fa3", "cudnn", "flash", "efficient", "math"))
-    doc_mask: bool = _param(False)  # attention stays inside each document (a BOS starts one) in training, eval and TTT: FlexAttention on CUDA
+    doc_mask: bool = _param(False)  # attention stays inside each document (a BOS starts one) in training, eval and TTT: FA3 varlen or FlexAttention on CUDA
     speedups: bool = _param(True)  # fused loss kernel (CUDA + Triton), grouped K/V read by cuDNN; 0: the plain path, for side-by-side speed and loss checks
     # training budget and batch
     max_wallclock_seconds: float = _param(600.0, lo=0, lo_open=True)
@@ -621,21 +622,46 @@ class PartialRotary(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
-def document_attention_mask(ids: torch.Tensor, flex: bool) -> "BlockMask | torch.Tensor":
+class DocumentSegments(NamedTuple):
+    """DOC_MASK for FA3's varlen kernel: the B windows of T tokens flattened and cut into segments
+    at every window start and every BOS. cu_seqlens [S] (int32): the segment starts, then B*T
+    repeated (empty segments) up to a power of two, so that few lengths occur, each one compiled
+    graph (as the records pad to multiples of 64); max_len = T."""
+
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+
+def document_attention_mask(ids: torch.Tensor, kind: str) -> "BlockMask | DocumentSegments | torch.Tensor":
     """DOC_MASK's mask for windows ids [B, T]: position q sees positions kv <= q of its own document
-    (a BOS starts one; a window's first tokens before any BOS are one document). A FlexAttention
-    block mask (built by a compiled kernel: the dense mask would take B x T x T memory), or the
-    dense boolean [B, 1, T, T] for SDPA (CPU and tests)."""
-    doc = torch.cumsum(ids == BOS_ID, dim=1)
-    if not flex:
-        return (doc[:, :, None] == doc[:, None, :]).tril()[:, None]
+    (a BOS starts one; a window's first tokens before any BOS are one document). kind "flex": a
+    FlexAttention block mask (built by a compiled kernel: the dense mask would take B x T x T
+    memory); "varlen": FA3's segments (their count is data-dependent: one host sync per forward);
+    "dense": the boolean [B, 1, T, T] for SDPA (CPU, eager passes, tests)."""
     B, T = ids.shape
+    if kind == "varlen":
+        is_start = ids == BOS_ID
+        is_start[:, 0] = True
+        starts = torch.nonzero(is_start.flatten()).flatten()
+        cu_seqlens = torch.full((1 << len(starts).bit_length(),), B * T, dtype=torch.int32, device=ids.device)
+        cu_seqlens[: len(starts)] = starts
+        return DocumentSegments(cu_seqlens, T)
+    doc = torch.cumsum(ids == BOS_ID, dim=1)
+    if kind == "dense":
+        return (doc[:, :, None] == doc[:, None, :]).tril()[:, None]
     return create_block_mask(lambda b, h, q, kv: (kv <= q) & (doc[b, q] == doc[b, kv]), B, None, T, T, device=ids.device, _compile=True)
 
 
-def causal_attention(q, k, v, backend: str, mask: "BlockMask | torch.Tensor | None" = None) -> torch.Tensor:
+def causal_attention(q, k, v, backend: str, mask: "BlockMask | DocumentSegments | torch.Tensor | None" = None) -> torch.Tensor:
     """q: [B, T, H, D]; k, v: [B, T, Hkv, D] (grouped-query). Returns [B, T, H, D]. With a mask
-    (DOC_MASK): document-masked, by FlexAttention (a block mask) or SDPA (a dense mask)."""
+    (DOC_MASK): document-masked, by FlexAttention (a block mask), FA3's varlen kernel (segments)
+    or SDPA (a dense mask)."""
+    if isinstance(mask, DocumentSegments):
+        B, T = q.shape[:2]
+        cu, n = mask.cu_seqlens, mask.max_len
+        out = flash_attn_3_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, n, n, causal=True)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.view(B, T, *out.shape[1:])
     if mask is not None:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if isinstance(mask, BlockMask):
@@ -888,7 +914,7 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))
         self.token_loss = SoftcapTokenLoss(h.logit_softcap)
         self.looping = False  # depth recurrence on/off (switched during training)
-        self.flex_masks = False  # DOC_MASK as FlexAttention block masks (CUDA), set by configure_kernels
+        self.mask_kind = "dense"  # DOC_MASK's masks (document_attention_mask), set by configure_kernels
         self.dense_masks = False  # DOC_MASK as dense masks for SDPA even so, set by eager(model)
         self._init_weights()
 
@@ -916,7 +942,7 @@ class GPT(nn.Module):
         at the start), so they take the plain causal kernel."""
         mask = None
         if self.h.doc_mask and adapters is None:
-            mask = document_attention_mask(ids, flex=self.flex_masks and not self.dense_masks)
+            mask = document_attention_mask(ids, "dense" if self.dense_masks else self.mask_kind)
         x = self.tok_emb(ids)
         if self.smear is not None:
             x = self.smear(x, ids)
@@ -973,9 +999,9 @@ def eager(model: GPT):
 def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> str:
     """Picks the causal attention kernel (FA3 when importable, else the requested/fastest SDPA
     backend; with SPEEDUPS, cuDNN reads the grouped K and V directly), DOC_MASK's masked kernel
-    (FlexAttention with a document block mask on CUDA: no varlen kernel here; SDPA with the dense
-    mask on CPU) and, with SPEEDUPS on a CUDA device with Triton, the fused loss kernel. Returns a
-    summary for the log."""
+    (FA3's varlen kernel with FA3; else FlexAttention with a document block mask on CUDA; SDPA with
+    the dense mask on CPU) and, with SPEEDUPS on a CUDA device with Triton, the fused loss kernel.
+    Returns a summary for the log."""
     backend = h.attention_backend
     if device.type != "cuda":
         backend = "math"
@@ -989,9 +1015,9 @@ def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> s
         backend = "cudnn_repeat_kv"
     for block in model.blocks:
         block.attn.backend = backend
-    model.flex_masks = h.doc_mask and device.type == "cuda"
+    model.mask_kind = "dense" if device.type != "cuda" else "varlen" if backend == "fa3" and flash_attn_3_varlen is not None else "flex"
     model.token_loss.fused = h.speedups and device.type == "cuda" and triton is not None
-    masks = ", document masks " + ("FlexAttention" if model.flex_masks else "dense") if h.doc_mask else ""
+    masks = f", document masks {model.mask_kind}" if h.doc_mask else ""
     return f"attention {backend}{masks}, fused loss {'on' if model.token_loss.fused else 'off'}"
 
 

@@ -36,7 +36,7 @@ def test_configure_kernels_keeps_the_plain_path_on_cpu():
     summary = tg.configure_kernels(model, tiny_hyperparameters(speedups=True), torch.device("cpu"))
     assert not model.token_loss.fused and summary == "attention math, fused loss off"
     summary = tg.configure_kernels(model, tiny_hyperparameters(doc_mask=True), torch.device("cpu"))
-    assert not model.flex_masks and summary == "attention math, document masks dense, fused loss off"
+    assert model.mask_kind == "dense" and summary == "attention math, document masks dense, fused loss off"
 
 
 @pytest.mark.skipif(tg.triton is None, reason="Triton is not installed")

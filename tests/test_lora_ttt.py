@@ -81,7 +81,7 @@ def test_with_doc_mask_lora_rows_take_the_plain_causal_kernel(learned, cpu_runti
     tokens, tables, _, r, _ = learned
     model = _model()
     model.h = dataclasses.replace(model.h, doc_mask=True)
-    monkeypatch.setattr(tg, "document_attention_mask", lambda ids, flex: pytest.fail("a document mask for LoRA TTT rows"))
+    monkeypatch.setattr(tg, "document_attention_mask", lambda ids, kind: pytest.fail("a document mask for LoRA TTT rows"))
     masked = _lora(tokens, tables, cpu_runtime, model=model, return_token_nll=True)
     assert torch.equal(masked.token_nll, r.token_nll)
 

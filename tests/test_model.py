@@ -353,13 +353,49 @@ def test_flex_document_mask_equals_the_dense_mask():
     ids[0, [0, 70, 200]] = tg.BOS_ID
     ids[1, 130] = tg.BOS_ID  # row 1 starts inside a document
     q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
-    dense = tg.document_attention_mask(ids, flex=False)
+    dense = tg.document_attention_mask(ids, "dense")
     with torch.no_grad():
-        flex = tg.causal_attention(q, k, v, "flex", tg.document_attention_mask(ids, flex=True))
+        flex = tg.causal_attention(q, k, v, "flex", tg.document_attention_mask(ids, "flex"))
     torch.testing.assert_close(flex, tg.causal_attention(q, k, v, "math", dense), rtol=1e-5, atol=1e-5)
     doc = torch.cumsum(ids == tg.BOS_ID, 1)
     expected = torch.stack([torch.tensor([[kv <= q_ and doc[b, kv] == doc[b, q_] for kv in range(T)] for q_ in range(T)]) for b in range(B)])
     assert torch.equal(dense[:, 0], expected)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+    """FA3's flash_attn_varlen_func, by its contract: causal attention inside each segment
+    [cu[i], cu[i+1]) of the flattened tokens (empty segments allowed), grouped-query heads."""
+    assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and max_q == max_k
+    out = torch.zeros_like(q)
+    for a, b in zip(cu_q.tolist(), cu_q[1:].tolist()):
+        assert 0 <= b - a <= max_q
+        if b > a:
+            seg = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+            out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+    return out, None  # FA3 returns (out, softmax_lse)
+
+
+def test_fa3_varlen_segments_equal_the_dense_mask(monkeypatch):
+    """DOC_MASK with FA3: segments start at every window start and every BOS (so a window's
+    tokens before its first BOS are one document), padded with empty segments to a power of two;
+    through a reference varlen kernel the result equals SDPA with the dense mask."""
+    monkeypatch.setattr(tg, "flash_attn_3_varlen", _reference_varlen)
+    torch.manual_seed(0)
+    B, T, H, Hkv, D = 3, 64, 4, 2, 8
+    ids = torch.randint(2, 100, (B, T))
+    ids[0, [0, 10, 11, 40]] = tg.BOS_ID
+    ids[1, 63] = tg.BOS_ID  # a one-token document at the end; row 2 has no BOS at all
+    segments = tg.document_attention_mask(ids, "varlen")
+    starts = [0, 10, 11, 40, 64, 64 + 63, 128]
+    assert segments.max_len == T and len(segments.cu_seqlens) == 8  # 7 starts: padded to 8
+    assert segments.cu_seqlens.tolist() == starts + [B * T]
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    expected = tg.causal_attention(q, k, v, "math", tg.document_attention_mask(ids, "dense"))
+    torch.testing.assert_close(tg.causal_attention(q, k, v, "fa3", segments), expected, rtol=1e-5, atol=1e-5)
+    model = tg.GPT(tiny_hyperparameters(doc_mask=True))
+    monkeypatch.setattr(tg, "flash_attn_3", object())  # FA3 importable: its varlen kernel does the masking
+    assert "document masks varlen" in tg.configure_kernels(model, tiny_hyperparameters(doc_mask=True), torch.device("cuda"))
+    assert model.mask_kind == "varlen" and model.blocks[0].attn.backend == "fa3"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on CUDA")
@@ -369,9 +405,9 @@ def test_flex_document_mask_gradients_on_gpu():
     ids = torch.randint(2, 100, (B, T), device="cuda")
     ids[0, [0, 100, 333]] = tg.BOS_ID
     q, k, v = (torch.randn(B, T, n, D, device="cuda", requires_grad=True) for n in (H, Hkv, Hkv))
-    flex = torch.compile(tg.causal_attention)(q, k, v, "flex", tg.document_attention_mask(ids, flex=True))
+    flex = torch.compile(tg.causal_attention)(q, k, v, "flex", tg.document_attention_mask(ids, "flex"))
     grads = torch.autograd.grad(flex.square().sum(), (q, k, v))
-    dense = tg.causal_attention(q, k, v, "math", tg.document_attention_mask(ids, flex=False))
+    dense = tg.causal_attention(q, k, v, "math", tg.document_attention_mask(ids, "dense"))
     expected = torch.autograd.grad(dense.square().sum(), (q, k, v))
     torch.testing.assert_close(flex, dense, rtol=2e-3, atol=2e-3)
     for g, e in zip(grads, expected):
@@ -383,7 +419,7 @@ def test_eager_passes_use_dense_document_masks(monkeypatch):
     dense, for SDPA, even where the compiled blocks use FlexAttention, whose eager path would
     hold every score (on CPU it has no backward at all, which makes the difference visible)."""
     model = _masked_model(True).float()
-    model.flex_masks = True
+    model.mask_kind = "flex"
     ids = torch.randint(2, 200, (2, 256))
     ids[:, 100] = tg.BOS_ID
     seen = []

@@ -483,7 +483,8 @@ class TrainLoader:
             self.prefetched = self._load()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        seqs, self.prefetched = self.prefetched if self.prefetched is not None else self._load(), None
+        seqs = self.prefetched if self.prefetched is not None else self._load()
+        self.prefetched = None
         return seqs[:, :-1], seqs[:, 1:]
 
 

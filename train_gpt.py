@@ -626,8 +626,9 @@ class PartialRotary(nn.Module):
 class DocumentSegments(NamedTuple):
     """DOC_MASK for FA3's varlen kernel: the B windows of T tokens flattened and cut into segments
     at every window start and every BOS. cu_seqlens [S] (int32): the segment starts, then B*T
-    repeated (empty segments) up to a power of two, so that few lengths occur, each one compiled
-    graph (as the records pad to multiples of 64); max_len = T."""
+    repeated (empty segments) up to a power of two, and to at least room for one document per 256
+    tokens: every length is a compiled graph of its own (the records pad to multiples of 64), and
+    one met first in the timed training would compile there; max_len = T."""
 
     cu_seqlens: torch.Tensor
     max_len: int
@@ -644,7 +645,8 @@ def document_attention_mask(ids: torch.Tensor, kind: str) -> "BlockMask | Docume
         is_start = ids == BOS_ID
         is_start[:, 0] = True
         starts = torch.nonzero(is_start.flatten()).flatten()
-        cu_seqlens = torch.full((1 << len(starts).bit_length(),), B * T, dtype=torch.int32, device=ids.device)
+        size = 1 << max(len(starts), B + B * T // 256).bit_length()
+        cu_seqlens = torch.full((size,), B * T, dtype=torch.int32, device=ids.device)
         cu_seqlens[: len(starts)] = starts
         return DocumentSegments(cu_seqlens, T)
     doc = torch.cumsum(ids == BOS_ID, dim=1)

@@ -389,6 +389,10 @@ def test_fa3_varlen_segments_equal_the_dense_mask(monkeypatch):
     starts = [0, 10, 11, 40, 64, 64 + 63, 128]
     assert segments.max_len == T and len(segments.cu_seqlens) == 8  # 7 starts: padded to 8
     assert segments.cu_seqlens.tolist() == starts + [B * T]
+    many = torch.randint(2, 100, (48, 2048))  # the training micro-batch: room for 48 + 384 segments
+    assert len(tg.document_attention_mask(many, "varlen").cu_seqlens) == 512
+    many[:, ::4] = tg.BOS_ID  # more documents than that: the next power of two
+    assert len(tg.document_attention_mask(many, "varlen").cu_seqlens) == 32768
     q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
     expected = tg.causal_attention(q, k, v, "math", tg.document_attention_mask(ids, "dense"))
     torch.testing.assert_close(tg.causal_attention(q, k, v, "fa3", segments), expected, rtol=1e-5, atol=1e-5)

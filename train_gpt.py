@@ -917,8 +917,7 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))
         self.token_loss = SoftcapTokenLoss(h.logit_softcap)
         self.looping = False  # depth recurrence on/off (switched during training)
-        self.mask_kind = "dense"  # DOC_MASK's masks (document_attention_mask), set by configure_kernels
-        self.dense_masks = False  # DOC_MASK as dense masks for SDPA even so, set by eager(model)
+        self.mask_kind = "dense"  # DOC_MASK's masks (document_attention_mask): set by configure_kernels, "dense" inside eager(model)
         self._init_weights()
 
     @torch.no_grad()
@@ -945,7 +944,7 @@ class GPT(nn.Module):
         at the start), so they take the plain causal kernel."""
         mask = None
         if self.h.doc_mask and adapters is None:
-            mask = document_attention_mask(ids, "dense" if self.dense_masks else self.mask_kind)
+            mask = document_attention_mask(ids, self.mask_kind)
         x = self.tok_emb(ids)
         if self.smear is not None:
             x = self.smear(x, ids)
@@ -991,12 +990,12 @@ def eager(model: GPT):
     """Runs the model without its compiled graphs, for one-off passes (calibration, the LoRA TTT
     phases) that would otherwise compile new variants. DOC_MASK's masks then go to SDPA as dense
     masks: FlexAttention's eager path would hold all B x H x T x T scores."""
-    model.dense_masks = True
+    kind, model.mask_kind = model.mask_kind, "dense"
     try:
         with torch.compiler.set_stance("force_eager"):
             yield
     finally:
-        model.dense_masks = False
+        model.mask_kind = kind
 
 
 def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> str:

@@ -431,7 +431,7 @@ def test_eager_passes_use_dense_document_masks(monkeypatch):
     monkeypatch.setattr(tg, "causal_attention", lambda q, k, v, backend, mask=None: seen.append(type(mask)) or original(q, k, v, backend, mask))
     with tg.eager(model):
         model.hidden_states(ids).sum().backward()  # FlexAttention would raise here
-    assert not model.dense_masks
+    assert model.mask_kind == "flex"  # restored after the eager pass
     with torch.no_grad():
         model.hidden_states(ids)
     layers = len(model.layer_order())

@@ -83,7 +83,7 @@ class Hyperparameters:
     compile: bool = _param(True)  # torch.compile the blocks and the loss head
     attention_backend: str = _param("auto", choices=("auto", "fa3", "cudnn", "flash", "efficient", "math"))
     doc_mask: bool = _param(False)  # attention stays inside each document (a BOS starts one) in training, eval and TTT: FA3 varlen or FlexAttention on CUDA
-    speedups: bool = _param(True)  # fused loss kernel (CUDA + Triton), grouped K/V read by cuDNN; 0: the plain path, for side-by-side speed and loss checks
+    speedups: bool = _param(True)  # fused loss kernel and MLP backward (CUDA + Triton), grouped K/V read by cuDNN; 0: the plain path, for side-by-side speed and loss checks
     # training budget and batch
     max_wallclock_seconds: float = _param(600.0, lo=0, lo_open=True)
     gptq_reserve_seconds: float = _param(8.0, lo=0)  # kept for GPTQ calibration inside the budget (1xH100: 6 s)
@@ -740,14 +740,93 @@ class Attention(nn.Module):
         return out if lora is None else out + lora_delta(x, lora["o"])
 
 
+if triton is not None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    @triton.jit
+    def _mlp_hidden_grad_kernel(g_desc, w_desc, pre_desc, out_desc, M, N, K, NUM_PROGRAMS: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """out = (G W^T) d/dpre leaky_relu(pre, 0.5)^2 = (G W^T) pre (2 if pre > 0 else 1/2), for
+        G [M, K], W [N, K], pre [M, N], read and written through TMA descriptors. G W^T is
+        accumulated in fp32 and rounded to the output dtype, as the plain path's matmul output is;
+        NUM_PROGRAMS persistent programs take the [BLOCK_M, BLOCK_N] tiles in turn."""
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
+            group = tile // (GROUP_M * tiles_n)  # GROUP_M row tiles sweep the columns together (L2 reuse of W)
+            group_rows = min(tiles_m - group * GROUP_M, GROUP_M)
+            row = (group * GROUP_M + (tile % (GROUP_M * tiles_n)) % group_rows) * BLOCK_M
+            col = ((tile % (GROUP_M * tiles_n)) // group_rows) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                acc = tl.dot(g_desc.load([row, k]), w_desc.load([col, k]).T, acc)
+            grad_act = acc.to(out_desc.dtype).to(tl.float32)
+            pre = pre_desc.load([row, col]).to(tl.float32)
+            out_desc.store([row, col], (grad_act * pre * tl.where(pre > 0, 2.0, 0.5)).to(out_desc.dtype))
+
+
+# the fastest tile of bench/fused_mlp.py --sweep at the B1 shape but one (5 stages: 2% faster, at the shared-memory limit)
+MLP_KERNEL_TILE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+
+
+@torch.library.custom_op("train_gpt::mlp_hidden_grad", mutates_args=(), schema="(Tensor grad_out, Tensor w_proj, Tensor pre) -> Tensor")
+def mlp_hidden_grad(grad_out: torch.Tensor, w_proj: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """The gradient of the MLP's pre-activation [M, hidden] from that of its output [M, model_dim]
+    in one kernel: (grad_out W_proj) times the activation's derivative at pre."""
+    g, w, pre = grad_out.contiguous(), w_proj.t().contiguous(), pre.contiguous()
+    (M, K), N = g.shape, w.size(0)
+    tile = dict(MLP_KERNEL_TILE)
+    bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
+    out = torch.empty_like(pre)
+    sms = torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 4  # the interpreter: several tiles per program
+    programs = min(triton.cdiv(M, bm) * triton.cdiv(N, bn), sms)
+    descriptors = [TensorDescriptor.from_tensor(t, block) for t, block in ((g, [bm, bk]), (w, [bn, bk]), (pre, [bm, bn]), (out, [bm, bn]))]
+    _mlp_hidden_grad_kernel[(programs,)](*descriptors, M, N, K, NUM_PROGRAMS=programs, **tile)
+    return out
+
+
+@mlp_hidden_grad.register_fake
+def _(grad_out, w_proj, pre):
+    return torch.empty_like(pre)
+
+
+class _FusedMLP(torch.autograd.Function):
+    """proj(leaky_relu(fc(x), 0.5)^2) whose backward applies the activation's derivative in the
+    epilogue of the matmul that makes the activation's gradient (a Triton kernel): the plain
+    backward writes that [tokens, hidden] gradient and reads it back with the pre-activation.
+    The forward is the plain one (compiled, the activation is one Inductor kernel after cuBLAS;
+    a Triton matmul writing both tensors measured slower)."""
+
+    @staticmethod
+    def forward(ctx, x, w_fc, w_proj):
+        pre = F.linear(x, w_fc)
+        act = F.leaky_relu(pre, 0.5).square().to(pre.dtype)  # autocast squares in fp32; the matmul reads pre's dtype
+        ctx.save_for_backward(x, w_fc, w_proj, pre, act)
+        return F.linear(act, w_proj)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w_fc, w_proj, pre, act = ctx.saved_tensors
+        rows = lambda t: t.reshape(-1, t.size(-1))  # noqa: E731  [tokens, features]
+        grad_pre = mlp_hidden_grad(rows(grad_out), w_proj, rows(pre))
+        needed = ctx.needs_input_grad  # LoRA TTT freezes the weights: no weight gradients there
+        grad_x = (grad_pre @ w_fc).view(x.shape) if needed[0] else None
+        grad_w_fc = grad_pre.t() @ rows(x) if needed[1] else None
+        grad_w_proj = rows(grad_out).t() @ rows(act) if needed[2] else None
+        return grad_x, grad_w_fc, grad_w_proj
+
+
 class MLP(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
         self.fc = nn.Linear(h.model_dim, h.mlp_mult * h.model_dim, bias=False)
         self.proj = nn.Linear(h.mlp_mult * h.model_dim, h.model_dim, bias=False)
+        self.fused = False  # the backward's Triton matmul with the activation's derivative in its epilogue (set by configure_kernels)
 
     def forward(self, x: torch.Tensor, lora: dict | None = None) -> torch.Tensor:
-        out = self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+        if self.fused:
+            out = _FusedMLP.apply(x, self.fc.weight.to(x.dtype), self.proj.weight.to(x.dtype))
+        else:
+            out = self.proj(F.leaky_relu(self.fc(x), 0.5).square())
         return out if lora is None else out + lora_delta(x, lora["mlp"])  # a parallel adapter
 
 
@@ -989,13 +1068,19 @@ class GPT(nn.Module):
 def eager(model: GPT):
     """Runs the model without its compiled graphs, for one-off passes (calibration, the LoRA TTT
     phases) that would otherwise compile new variants. DOC_MASK's masks then go to SDPA as dense
-    masks: FlexAttention's eager path would hold all B x H x T x T scores."""
+    masks: FlexAttention's eager path would hold all B x H x T x T scores. The MLPs take the plain
+    path, through their Linear modules, whose inputs GPTQ's calibration hooks read."""
     kind, model.mask_kind = model.mask_kind, "dense"
+    fused = [block.mlp.fused for block in model.blocks]
+    for block in model.blocks:
+        block.mlp.fused = False
     try:
         with torch.compiler.set_stance("force_eager"):
             yield
     finally:
         model.mask_kind = kind
+        for block, was_fused in zip(model.blocks, fused):
+            block.mlp.fused = was_fused
 
 
 def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> str:
@@ -1018,9 +1103,12 @@ def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> s
     for block in model.blocks:
         block.attn.backend = backend
     model.mask_kind = "dense" if device.type != "cuda" else "varlen" if backend == "fa3" and flash_attn_3_varlen is not None else "flex"
-    model.token_loss.fused = h.speedups and device.type == "cuda" and triton is not None
+    fused = h.speedups and device.type == "cuda" and triton is not None
+    model.token_loss.fused = fused
+    for block in model.blocks:
+        block.mlp.fused = fused and h.model_dim % 8 == 0  # TMA: rows of 16-byte multiples (bf16)
     masks = f", document masks {model.mask_kind}" if h.doc_mask else ""
-    return f"attention {backend}{masks}, fused loss {'on' if model.token_loss.fused else 'off'}"
+    return f"attention {backend}{masks}, fused loss and MLP {'on' if fused else 'off'}"
 
 
 def compile_model(model: GPT):
@@ -1403,11 +1491,12 @@ def collect_hessians(model: GPT, loader: TrainLoader, num_seqs: int, rt: Runtime
     Each rank takes its share of the sequences; the sums are all-reduced."""
     targets = quantized_matrices(model)
     hessians = {name: torch.zeros(m.in_features if m else model.h.model_dim, m.in_features if m else model.h.model_dim, device=rt.device) for name, m in targets.items()}
-    hooks = []
+    hooks, seen = [], set()
 
     def accumulate(name, x):
         x = x.reshape(-1, x.size(-1)).float()
         hessians[name].addmm_(x.T, x)
+        seen.add(name)
 
     for name, module in targets.items():
         if module is not None:
@@ -1424,6 +1513,8 @@ def collect_hessians(model: GPT, loader: TrainLoader, num_seqs: int, rt: Runtime
     finally:
         for hook in hooks:
             hook.remove()
+    if local and len(seen) < len(hessians):  # a path that bypasses a module's call (a fused kernel) would leave H = 0
+        raise RuntimeError(f"GPTQ calibration: no input reached {sorted(set(hessians) - seen)}")
     for H in hessians.values():
         all_reduce(H)
     return hessians

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt as tg
 from conftest import ROOT, tiny_hyperparameters
@@ -34,9 +35,10 @@ def loss_and_grads(loss_module, hidden, weight, targets):
 def test_configure_kernels_keeps_the_plain_path_on_cpu():
     model = tg.GPT(tiny_hyperparameters())
     summary = tg.configure_kernels(model, tiny_hyperparameters(speedups=True), torch.device("cpu"))
-    assert not model.token_loss.fused and summary == "attention math, fused loss off"
+    assert not model.token_loss.fused and not any(block.mlp.fused for block in model.blocks)
+    assert summary == "attention math, fused loss and MLP off"
     summary = tg.configure_kernels(model, tiny_hyperparameters(doc_mask=True), torch.device("cpu"))
-    assert model.mask_kind == "dense" and summary == "attention math, document masks dense, fused loss off"
+    assert model.mask_kind == "dense" and summary == "attention math, document masks dense, fused loss and MLP off"
 
 
 @pytest.mark.skipif(tg.triton is None, reason="Triton is not installed")
@@ -69,6 +71,61 @@ def test_fused_loss_kernel_in_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.skipif(tg.triton is None, reason="Triton is not installed")
+def test_fused_mlp_kernels_in_triton_interpreter():
+    """fp32 on the CPU, tiles smaller than the matrices, token, model and hidden widths that are
+    not multiples of them (the descriptors' zero padding) and more tiles than programs (the
+    persistent loop): the fused MLP's output and its three gradients (from the backward kernel)
+    equal the plain path's; both signs of the pre-activation occur, so both slopes of the
+    derivative are checked."""
+    script = textwrap.dedent(
+        """
+        import torch, torch.nn.functional as F, train_gpt as tg
+        torch.manual_seed(0)
+        tg.MLP_KERNEL_TILE.update(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)
+        x, grad = torch.randn(2, 35, 40), torch.randn(2, 35, 40)
+        w_fc, w_proj = torch.randn(100, 40) * 0.3, torch.randn(40, 100) * 0.3
+        out = []
+        for fused in (False, True):
+            leaves = [t.clone().requires_grad_() for t in (x, w_fc, w_proj)]
+            y = tg._FusedMLP.apply(*leaves) if fused else F.linear(F.leaky_relu(F.linear(leaves[0], leaves[1]), 0.5).square(), leaves[2])
+            y.backward(grad)
+            out.append([y.detach()] + [t.grad for t in leaves])
+        for a, b in zip(*out):
+            err = ((a - b).norm() / b.norm()).item()
+            assert err < 1e-5, err
+        print("ok")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout[-500:] + result.stderr[-2000:]
+
+
+@needs_gpu
+@pytest.mark.parametrize("tokens", [(4, 256), (3, 100)])
+def test_fused_mlp_matches_plain_path_on_gpu(tokens):
+    """bf16 at the model's widths, eager and inside a compiled graph (the custom ops traced by
+    Dynamo, as in the compiled blocks): output and gradients equal the plain path's within bf16
+    rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(*tokens, 512, device="cuda", dtype=torch.bfloat16)
+    w_fc = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16) * 512**-0.5
+    w_proj = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16) * 2048**-0.5
+    grad = torch.randn_like(x)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, w_fc, w_proj)]
+        y = fn(*leaves)
+        y.backward(grad)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    plain = run(lambda a, b, c: F.linear(F.leaky_relu(F.linear(a, b), 0.5).square(), c))
+    for fused in (run(tg._FusedMLP.apply), run(torch.compile(lambda a, b, c: tg._FusedMLP.apply(a, b, c), fullgraph=True))):
+        for a, b in zip(fused, plain):
+            assert a.isfinite().all() and relative_error(a, b) < 1e-2
 
 
 @needs_gpu

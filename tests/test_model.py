@@ -418,7 +418,7 @@ def test_flex_document_mask_gradients_on_gpu():
         torch.testing.assert_close(g, e, rtol=2e-3, atol=2e-3)
 
 
-def test_eager_passes_use_dense_document_masks(monkeypatch):
+def test_eager_passes_use_dense_document_masks_and_the_plain_mlp(monkeypatch):
     """Calibration and the LoRA TTT phases run eagerly (eager(model)); there DOC_MASK's mask is
     dense, for SDPA, even where the compiled blocks use FlexAttention, whose eager path would
     hold every score (on CPU it has no backward at all, which makes the difference visible)."""
@@ -429,9 +429,14 @@ def test_eager_passes_use_dense_document_masks(monkeypatch):
     seen = []
     original = tg.causal_attention
     monkeypatch.setattr(tg, "causal_attention", lambda q, k, v, backend, mask=None: seen.append(type(mask)) or original(q, k, v, backend, mask))
+    for block in model.blocks:  # as configure_kernels sets them on a GPU
+        block.mlp.fused = True
     with tg.eager(model):
+        assert not any(block.mlp.fused for block in model.blocks)  # the plain MLP, for the calibration hooks
         model.hidden_states(ids).sum().backward()  # FlexAttention would raise here
-    assert model.mask_kind == "flex"  # restored after the eager pass
+    assert model.mask_kind == "flex" and all(block.mlp.fused for block in model.blocks)  # restored after the eager pass
+    for block in model.blocks:  # the fused kernels need a GPU
+        block.mlp.fused = False
     with torch.no_grad():
         model.hidden_states(ids)
     layers = len(model.layer_order())

@@ -11,6 +11,7 @@ import tokenize
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt as tg
 from conftest import ROOT, tiny_hyperparameters
@@ -230,6 +231,19 @@ def test_calibration_hessians_are_x_transpose_x_of_training_batches(tiny_data, c
     X = torch.cat(inputs)
     assert torch.allclose(hessians["blocks.1.mlp.proj.weight"], X.T @ X, rtol=1e-4, atol=1e-3)
     assert torch.allclose(hessians["tok_emb.weight"], hidden.T @ hidden, rtol=1e-4, atol=1e-3)
+
+
+def test_calibration_refuses_a_matrix_whose_module_was_bypassed(tiny_data, cpu_runtime, monkeypatch):
+    """A forward that reads a Linear's weight without calling the module (as a fused kernel does)
+    leaves its pre-hook silent and its Hessian zero: collect_hessians says which, instead of
+    quantizing against H = 0."""
+    root, _ = tiny_data
+    h = tiny_hyperparameters(data_dir=str(root))
+    model = tg.GPT(h)
+    loader = tg.TrainLoader(tg.find_shards(h, "train"), h.train_seq_len, 3, 0, 1, 7, h.vocab_size, cpu_runtime.device)
+    monkeypatch.setattr(tg.MLP, "forward", lambda self, x, lora=None: self.proj(F.leaky_relu(F.linear(x, self.fc.weight), 0.5).square()))
+    with pytest.raises(RuntimeError, match=r"no input reached \['blocks.0.mlp.fc.weight'"):
+        tg.collect_hessians(model, loader, num_seqs=2, rt=cpu_runtime)
 
 
 def test_byte_shuffle_round_trip():

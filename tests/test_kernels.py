@@ -23,6 +23,14 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def run_in_triton_interpreter(script: str):
+    """Runs a test script in a fresh interpreter process with TRITON_INTERPRET=1 (the kernels then
+    run on the CPU); the script prints "ok" when its checks pass."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout[-500:] + result.stderr[-2000:]
+
+
 def loss_and_grads(loss_module, hidden, weight, targets):
     hidden = hidden.detach().requires_grad_()
     weight = weight.detach().requires_grad_()
@@ -45,7 +53,7 @@ def test_configure_kernels_keeps_the_plain_path_on_cpu():
 def test_fused_loss_kernel_in_triton_interpreter():
     """fp32 on the CPU: the kernel's loss and gradient equal the plain path to fp32 rounding,
     for a vocabulary that is not a power of two, targets at both ends and saturating logits."""
-    script = textwrap.dedent(
+    run_in_triton_interpreter(
         """
         import torch, train_gpt as tg
         torch.manual_seed(0)
@@ -68,9 +76,6 @@ def test_fused_loss_kernel_in_triton_interpreter():
         print("ok")
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 @pytest.mark.skipif(tg.triton is None, reason="Triton is not installed")
@@ -80,7 +85,7 @@ def test_fused_mlp_kernels_in_triton_interpreter():
     persistent loop): the fused MLP's output and its three gradients (from the backward kernel)
     equal the plain path's; both signs of the pre-activation occur, so both slopes of the
     derivative are checked."""
-    script = textwrap.dedent(
+    run_in_triton_interpreter(
         """
         import torch, torch.nn.functional as F, train_gpt as tg
         torch.manual_seed(0)
@@ -99,9 +104,6 @@ def test_fused_mlp_kernels_in_triton_interpreter():
         print("ok")
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout[-500:] + result.stderr[-2000:]
 
 
 @needs_gpu

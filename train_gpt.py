@@ -774,7 +774,7 @@ def mlp_hidden_grad(grad_out: torch.Tensor, w_proj: torch.Tensor, pre: torch.Ten
     in one kernel: (grad_out W_proj) times the activation's derivative at pre."""
     g, w, pre = grad_out.contiguous(), w_proj.t().contiguous(), pre.contiguous()
     (M, K), N = g.shape, w.size(0)
-    tile = dict(MLP_KERNEL_TILE)
+    tile = MLP_KERNEL_TILE
     bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
     out = torch.empty_like(pre)
     sms = torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 4  # the interpreter: several tiles per program
@@ -1087,8 +1087,8 @@ def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> s
     """Picks the causal attention kernel (FA3 when importable, else the requested/fastest SDPA
     backend; with SPEEDUPS, cuDNN reads the grouped K and V directly), DOC_MASK's masked kernel
     (FA3's varlen kernel with FA3; else FlexAttention with a document block mask on CUDA; SDPA with
-    the dense mask on CPU) and, with SPEEDUPS on a CUDA device with Triton, the fused loss kernel.
-    Returns a summary for the log."""
+    the dense mask on CPU) and, with SPEEDUPS on a CUDA device with Triton, the fused loss kernel
+    and the MLP backward's fused matmul. Returns a summary for the log."""
     backend = h.attention_backend
     if device.type != "cuda":
         backend = "math"

@@ -49,7 +49,6 @@ def whole_mlp(x, w_fc, w_proj, grad):
             times[name + ", forward only"] = bench(lambda: compiled(x, w_fc, w_proj))
     for name, ms in times.items():
         print(f"MLP {name}: {ms:.3f} ms")
-    return times
 
 
 def profile(x, w_fc, w_proj, grad):

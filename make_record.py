@@ -1,10 +1,11 @@
 """Builds a leaderboard record folder from the runs of one submission, and says whether it clears
 the challenge's bar: at least 0.005 nats better than the best entry, one-sided p < 0.01.
 
-    python3 make_record.py --runs run1 run2 run3 --code train_gpt.packed.py --out records/my_entry \
+    python3 make_record.py --runs runs/seed1 runs/seed2 runs/seed3 --out records/my_entry \
         --best-loss 2.7394 --best-std 0.0007 --best-seeds 3       # or: --best-folder records/best
 
-Each run folder holds the run's submission.json and its log (<run_id>.txt, there or in runs/).
+Each run folder (what train_gpt.py writes to OUT_DIR/RUN_ID/) holds the run's submission.json, its
+log (<run_id>.txt, there or in runs/) and the counted code train_gpt.packed.py (--code: another file).
 The folder written: README.md (per-seed table, mean and standard deviation, the test and its
 verdict), submission.json (the runs and their means), the logs, train_gpt.py (the counted code)
 and requirements.txt. It refuses, writing nothing, if a run's artifact is 16,000,000 bytes or
@@ -182,7 +183,7 @@ def make_record(run_folders: list[Path], code_path: Path, out: Path, best: dict,
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (submission.json + log)")
-    ap.add_argument("--code", type=Path, default=Path("train_gpt.packed.py"), help="the counted code file the runs wrote")
+    ap.add_argument("--code", type=Path, help="the counted code file the runs wrote (default: the first run folder's train_gpt.packed.py)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--best-loss", type=float, help="the best entry's mean val_loss in nats")
     ap.add_argument("--best-std", type=float)
@@ -197,7 +198,7 @@ def main():
     else:
         ap.error("give --best-loss, --best-std and --best-seeds, or --best-folder")
     try:
-        print(make_record(args.runs, args.code, args.out, best, args.requirements))
+        print(make_record(args.runs, args.code or args.runs[0] / "train_gpt.packed.py", args.out, best, args.requirements))
     except RecordRefused as err:
         raise SystemExit(f"make_record.py: refused: {err}") from None
 

@@ -27,6 +27,8 @@ import copy
 import dataclasses
 import difflib
 import hashlib
+import inspect
+import io
 import json
 import lzma
 import math
@@ -35,6 +37,7 @@ import platform
 import struct
 import sys
 import time
+import tokenize
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,81 +75,81 @@ def _param(default, lo=None, hi=None, choices=None, lo_open=False, file_name=Fal
 @dataclass
 class Hyperparameters:
     # run and data
-    run_id: str = _param("", file_name=True)  # names the log file; default: a fresh id shared by all ranks
-    seed: int = _param(1337)
-    data_dir: str = _param("./data/")
-    vocab_size: int = _param(8192, lo=2)
-    log_dir: str = _param("runs")
-    artifact_path: str = _param("final_model.pgq")
-    checkpoint_path: str = _param("")  # if set, the unquantized final weights are saved there
+    run_id: str = _param("", file_name=True)  # names the run folder OUT_DIR/RUN_ID/; default: date, time and a random suffix
+    seed: int = _param(1337)  # seeds the initialisation and the training data's order
+    data_dir: str = _param("./data/")  # holds datasets/fineweb10B_sp<VOCAB_SIZE>/ and tokenizers/fineweb_<VOCAB_SIZE>_bpe.model
+    vocab_size: int = _param(8192, lo=2)  # the tokenizer's size; picks the dataset and tokenizer under DATA_DIR
+    out_dir: str = _param("runs")  # every output of a run (log, artifact, counted code, submission.json) goes to OUT_DIR/RUN_ID/
+    artifact_path: str = _param("")  # the artifact written (default: in the run folder), or read with EVAL_ONLY (required then)
+    checkpoint_path: str = _param("")  # if set, the unquantized final weights are saved there (a relative path: in the run folder)
     eval_only: bool = _param(False)  # evaluate ARTIFACT_PATH without training
     compile: bool = _param(True)  # torch.compile the blocks and the loss head
-    attention_backend: str = _param("auto", choices=("auto", "fa3", "cudnn", "flash", "efficient", "math"))
+    attention_backend: str = _param("auto", choices=("auto", "fa3", "cudnn", "flash", "efficient", "math"))  # causal attention kernel; auto: FlashAttention-3 where it imports (measured fastest at every use), else cuDNN
     doc_mask: bool = _param(False)  # attention stays inside each document (a BOS starts one) in training, eval and TTT: FA3 varlen or FlexAttention on CUDA
     speedups: bool = _param(True)  # fused loss kernel and MLP backward (CUDA + Triton), grouped K/V read by cuDNN; 0: the plain path, for side-by-side speed and loss checks
     # training budget and batch
-    max_wallclock_seconds: float = _param(600.0, lo=0, lo_open=True)
+    max_wallclock_seconds: float = _param(600.0, lo=0, lo_open=True)  # training budget, GPTQ calibration included (the challenge: 600)
     gptq_reserve_seconds: float = _param(8.0, lo=0)  # kept for GPTQ calibration inside the budget (1xH100: 6 s)
-    iterations: int = _param(20000, lo=1)
+    iterations: int = _param(20000, lo=1)  # stop after this many steps; with a large MAX_WALLCLOCK_SECONDS the schedule follows the steps
     warmup_steps: int = _param(20, lo=0)  # compile warm-up before the clock; state restored after
-    train_batch_tokens: int = _param(786432, lo=1)
-    train_seq_len: int = _param(2048, lo=2)
+    train_batch_tokens: int = _param(786432, lo=1)  # tokens per optimizer step, over all ranks
+    train_seq_len: int = _param(2048, lo=2)  # training sequence length
     grad_accum_steps: int = _param(0, lo=0)  # 0: 8 // world size
-    log_every: int = _param(50, lo=1)
+    log_every: int = _param(50, lo=1)  # log the training loss and throughput every this many steps
     # model
-    num_layers: int = _param(11, lo=1)
-    model_dim: int = _param(512, lo=1)
-    num_heads: int = _param(8, lo=1)
-    num_kv_heads: int = _param(4, lo=1)
-    mlp_mult: int = _param(4, lo=1)
-    rope_dims: int = _param(16, lo=0)
-    rope_base: float = _param(10000.0, lo=0, lo_open=True)
-    qk_gain_init: float = _param(5.25, lo=0, lo_open=True)
-    logit_softcap: float = _param(30.0, lo=0, lo_open=True)
-    tied_embed_init_std: float = _param(0.005, lo=0, lo_open=True)
-    parallel_from_layer: int = _param(7, lo=0)
-    loop_start: int = _param(3, lo=0)
-    loop_end: int = _param(5, lo=0)
+    num_layers: int = _param(11, lo=1)  # physical transformer blocks
+    model_dim: int = _param(512, lo=1)  # residual stream width
+    num_heads: int = _param(8, lo=1)  # query heads
+    num_kv_heads: int = _param(4, lo=1)  # key/value heads (grouped-query attention)
+    mlp_mult: int = _param(4, lo=1)  # MLP hidden width = MLP_MULT x MODEL_DIM
+    rope_dims: int = _param(16, lo=0)  # head dims rotated by RoPE (partial RoPE); 0: none
+    rope_base: float = _param(10000.0, lo=0, lo_open=True)  # RoPE base (rescaled NTK-style past TRAIN_SEQ_LEN)
+    qk_gain_init: float = _param(5.25, lo=0, lo_open=True)  # initial per-head query gain after the q/k RMSNorm
+    logit_softcap: float = _param(30.0, lo=0, lo_open=True)  # logits are c tanh(z / c)
+    tied_embed_init_std: float = _param(0.005, lo=0, lo_open=True)  # init std of the tied embedding
+    parallel_from_layer: int = _param(7, lo=0)  # blocks from this one on run attention and MLP in parallel
+    loop_start: int = _param(3, lo=0)  # first block of the depth-recurrence loop
+    loop_end: int = _param(5, lo=0)  # last block of the depth-recurrence loop
     num_loops: int = _param(2, lo=0)  # extra passes over layers loop_start..loop_end
-    loop_start_frac: float = _param(0.35, lo=0, hi=1)
+    loop_start_frac: float = _param(0.35, lo=0, hi=1)  # depth recurrence switches on at this fraction of training
     smear_gate: bool = _param(True)  # mix each token's embedding with the previous one's (not across BOS)
     attn_gate: bool = _param(False)  # per-head sigmoid gate on the attention output from 12 input dims
-    attn_gate_scale: float = _param(1.0, lo=0)
+    attn_gate_scale: float = _param(1.0, lo=0)  # s in the attention gate's sigmoid(s W x)
     lanes_from_layer: int = _param(8, lo=0)  # blocks from this one on keep two residual lanes (attention / MLP); 0: one stream
     simctg_weight: float = _param(0.0, lo=0)  # weight of the SimCTG contrastive term in the training loss; 0: off
-    simctg_margin: float = _param(0.4, lo=0, hi=1)
+    simctg_margin: float = _param(0.4, lo=0, hi=1)  # SimCTG's margin: pairs are pushed below cosine 1 - margin
     # optimizer
-    muon_lr: float = _param(0.026, lo=0)
-    muon_momentum: float = _param(0.97, lo=0, hi=0.9999)
-    muon_momentum_start: float = _param(0.92, lo=0, hi=0.9999)
-    muon_momentum_warmup_steps: int = _param(1500, lo=0)
-    muon_wd: float = _param(0.095, lo=0)
+    muon_lr: float = _param(0.026, lo=0)  # Muon learning rate (block matrices)
+    muon_momentum: float = _param(0.97, lo=0, hi=0.9999)  # Muon's Nesterov momentum after the warm-up
+    muon_momentum_start: float = _param(0.92, lo=0, hi=0.9999)  # Muon's momentum at step 0
+    muon_momentum_warmup_steps: int = _param(1500, lo=0)  # steps over which the momentum rises linearly to MUON_MOMENTUM
+    muon_wd: float = _param(0.095, lo=0)  # Muon's decoupled weight decay
     muon_wd_final: float = _param(1.0, lo=0)  # Muon WD multiplier reached at the end, linearly from 70% of training (CaseOps records: 0.5)
-    muon_ns_steps: int = _param(5, lo=1)
+    muon_ns_steps: int = _param(5, lo=1)  # Newton-Schulz iterations per Muon update
     muon_ns_coefficients: str = _param("polar_express", choices=("quintic", "polar_express"))  # NEWTON_SCHULZ_COEFFICIENTS
-    embed_lr: float = _param(0.03, lo=0)
-    embed_wd: float = _param(0.085, lo=0)
-    scalar_lr: float = _param(0.02, lo=0)
-    scalar_wd: float = _param(0.02, lo=0)
-    adam_beta1: float = _param(0.9, lo=0, hi=0.9999)
-    adam_beta2: float = _param(0.95, lo=0, hi=0.99999)
-    adam_eps: float = _param(1e-8, lo=0, lo_open=True)
+    embed_lr: float = _param(0.03, lo=0)  # AdamW learning rate of the tied embedding
+    embed_wd: float = _param(0.085, lo=0)  # AdamW weight decay of the tied embedding
+    scalar_lr: float = _param(0.02, lo=0)  # AdamW learning rate of the gates, scales and other small tensors
+    scalar_wd: float = _param(0.02, lo=0)  # AdamW weight decay of the small tensors
+    adam_beta1: float = _param(0.9, lo=0, hi=0.9999)  # AdamW beta1
+    adam_beta2: float = _param(0.95, lo=0, hi=0.99999)  # AdamW beta2
+    adam_eps: float = _param(1e-8, lo=0, lo_open=True)  # AdamW epsilon
     grad_clip_norm: float = _param(0.3, lo=0)  # 0 disables clipping
-    warmdown_frac: float = _param(0.72, lo=0, hi=1)
+    warmdown_frac: float = _param(0.72, lo=0, hi=1)  # the LR decays linearly over this last fraction of training
     min_lr_frac: float = _param(0.10, lo=0, hi=1)  # floor of the LR multiplier during warmdown
-    ema_decay: float = _param(0.9965, lo=0, hi=1)
+    ema_decay: float = _param(0.9965, lo=0, hi=1)  # the weight EMA's decay (its cap; see EMA_POWER)
     ema_power: float = _param(15.0, lo=0)  # early on the EMA averages iterates with weights ~ step^power
     # quantization and artifact
-    gptq_calib_seqs: int = _param(16, lo=1)
-    gptq_block_size: int = _param(128, lo=1)
-    gptq_damp: float = _param(0.01, lo=0, lo_open=True)
+    gptq_calib_seqs: int = _param(16, lo=1)  # training sequences whose activations give GPTQ's Hessians
+    gptq_block_size: int = _param(128, lo=1)  # GPTQ's column block
+    gptq_damp: float = _param(0.01, lo=0, lo_open=True)  # GPTQ's damping, a fraction of the Hessian's mean diagonal
     quant_alloc_seqs: int = _param(64, lo=0)  # training sequences that measure each group's rounding damage; 0: the record's uniform steps
     quant_alloc_max_ratio: float = _param(2.0, lo=1)  # allocated steps stay within [1/ratio, ratio] x the record's
-    matrix_bits: int = _param(6, lo=2, hi=8)
-    matrix_clip_k: float = _param(12.85, lo=0, lo_open=True)
-    embed_bits: int = _param(8, lo=2, hi=8)
-    embed_clip_k: float = _param(20.0, lo=0, lo_open=True)
-    passthrough_max_numel: int = _param(65536, lo=0)
+    matrix_bits: int = _param(6, lo=2, hi=8)  # the record's bit width of the block matrices (the step allocation may widen it)
+    matrix_clip_k: float = _param(12.85, lo=0, lo_open=True)  # block matrices' row scale: k std(row) / qmax (SDClip)
+    embed_bits: int = _param(8, lo=2, hi=8)  # the record's bit width of the tied embedding
+    embed_clip_k: float = _param(20.0, lo=0, lo_open=True)  # the embedding's row scale: k std(row) / qmax
+    passthrough_max_numel: int = _param(65536, lo=0)  # tensors up to this size are stored as fp16; larger unquantized ones are refused
     lqer_rank: int = _param(4, lo=0)  # rank of the LQER correction of the worst-quantized matrices; 0: off
     lqer_matrices: int = _param(3, lo=1)  # how many matrices (largest quantization error) get one
     compressor: str = _param("brotli", choices=("brotli", "zstd", "lzma"))  # for the fp16 remainder
@@ -154,22 +157,22 @@ class Hyperparameters:
     artifact_target_bytes: int = _param(15_990_000, lo=0)  # all steps scaled so weights + code come to about this; 0: no scaling
     pack_code: bool = _param(True)  # count (and write) a self-extracting lzma copy of this file as the code; 0: the readable file
     # evaluation
-    eval_seq_len: int = _param(2048, lo=2)
-    eval_stride: int = _param(64, lo=1)
+    eval_seq_len: int = _param(2048, lo=2)  # evaluation window (and LoRA TTT's context)
+    eval_stride: int = _param(64, lo=1)  # sliding-window stride: each window scores its last EVAL_STRIDE targets
     sliding_eval: bool = _param(True)  # the sliding-window score: final without LoRA TTT, else a diagnostic (~75 s per rank at full scale)
-    eval_batch_seqs: int = _param(32, lo=1)
+    eval_batch_seqs: int = _param(32, lo=1)  # windows per batch in the plain and sliding evaluations
     ttt_enabled: bool = _param(False)  # score-first TTT of all weights; superseded by LoRA TTT (README)
-    ttt_chunk_tokens: int = _param(32768, lo=1)
-    ttt_lr: float = _param(0.005, lo=0)
-    ttt_momentum: float = _param(0.9, lo=0, hi=0.9999)
-    ttt_epochs: int = _param(3, lo=0)
+    ttt_chunk_tokens: int = _param(32768, lo=1)  # score-first TTT: validation chunk scored, then trained on
+    ttt_lr: float = _param(0.005, lo=0)  # score-first TTT's SGD learning rate (cosine over the chunks)
+    ttt_momentum: float = _param(0.9, lo=0, hi=0.9999)  # SGD momentum of score-first TTT and of the LoRA TTT phases
+    ttt_epochs: int = _param(3, lo=0)  # score-first TTT: passes over each chunk
     ttt_batch_seqs: int = _param(16, lo=1)  # global sequences per TTT optimizer step
-    ttt_grad_clip: float = _param(1.0, lo=0)
+    ttt_grad_clip: float = _param(1.0, lo=0)  # gradient clip of score-first TTT and of the LoRA TTT phases; 0: off
     lora_ttt: bool = _param(True)  # per-document LoRA test-time training: the final score when on
-    lora_ttt_rank: int = _param(80, lo=1)
+    lora_ttt_rank: int = _param(80, lo=1)  # rank of LoRA TTT's adapters
     lora_ttt_alpha: float = _param(144.0, lo=0, lo_open=True)  # adapters' outputs scaled by alpha / rank
-    lora_ttt_lr: float = _param(1e-4, lo=0)
-    lora_ttt_wd: float = _param(0.5, lo=0)
+    lora_ttt_lr: float = _param(1e-4, lo=0)  # LoRA TTT's AdamW learning rate (beta1 0, beta2 0.999)
+    lora_ttt_wd: float = _param(0.5, lo=0)  # LoRA TTT's AdamW weight decay
     lora_ttt_chunk_tokens: int = _param(48, lo=1)  # a document is scored this many targets at a time, one AdamW step after each
     lora_ttt_batch_docs: int = _param(64, lo=1)  # documents trained side by side, each with its own adapters
     lora_ttt_phases: int = _param(0, lo=0)  # global SGD phases: all weights train on the documents scored so far; 0: off
@@ -212,6 +215,7 @@ class Hyperparameters:
                 raise ValueError(msg)
 
         need(8 % world_size == 0, f"WORLD_SIZE={world_size}: must divide 8 (1, 2, 4 or 8 GPUs)")
+        need(not self.eval_only or self.artifact_path, "EVAL_ONLY=1: set ARTIFACT_PATH to the artifact to evaluate")
         need(self.model_dim % self.num_heads == 0, f"NUM_HEADS={self.num_heads}: must divide MODEL_DIM={self.model_dim}")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_KV_HEADS={self.num_kv_heads}: must divide NUM_HEADS={self.num_heads}")
         head_dim = self.model_dim // self.num_heads
@@ -239,6 +243,9 @@ class Hyperparameters:
         return self.grad_accum_steps or max(1, 8 // world_size)
 
 
+RENAMED_VARIABLES = {"LOG_DIR": "OUT_DIR"}  # old name -> new: an old setting is refused, not ignored
+
+
 def check_for_misspelled_variables(environ, known: list[str]):
     """Refuses an environment variable that is almost the name of a hyperparameter (a typo such as
     MAX_WALLCLOK_SECONDS would otherwise be ignored and the run would use the default)."""
@@ -246,6 +253,8 @@ def check_for_misspelled_variables(environ, known: list[str]):
     for name in environ:
         if name in known_set:
             continue
+        if name in RENAMED_VARIABLES:
+            raise ValueError(f"{name}: renamed to {RENAMED_VARIABLES[name]}; set that instead (unset {name} to run)")
         if name.upper() in known_set:
             raise ValueError(f"{name}: hyperparameter variables are upper case; did you mean {name.upper()}?")
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
@@ -322,7 +331,7 @@ def synchronize(device: torch.device):
 
 
 class Logger:
-    """Prints on rank 0 and appends to logs/<run_id>.txt."""
+    """Prints on rank 0 and appends to the run's log file (None: silent, as on other ranks)."""
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -333,8 +342,42 @@ class Logger:
         if self.path is None:
             return
         print(msg, flush=True)
-        with self.path.open("a") as f:
-            f.write(msg + "\n")
+        self.record(msg)
+
+    def record(self, msg: str):
+        """Into the log file only (the error that ends a run: stderr already has it)."""
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(msg + "\n")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a run's outputs go: all of them into OUT_DIR/RUN_ID/ (runs/ is ignored by git), so a
+    run never touches the checkout's tracked files; ARTIFACT_PATH and CHECKPOINT_PATH may point
+    elsewhere (a relative CHECKPOINT_PATH stays inside the run folder)."""
+
+    folder: Path
+    artifact: Path
+    checkpoint: Path | None
+
+    @classmethod
+    def of(cls, h: "Hyperparameters") -> "RunFiles":
+        folder = Path(h.out_dir) / h.run_id
+        artifact = Path(h.artifact_path) if h.artifact_path else folder / "final_model.pgq"
+        return cls(folder, artifact, folder / h.checkpoint_path if h.checkpoint_path else None)
+
+    @property
+    def log(self) -> Path:
+        return self.folder / f"{self.folder.name}.txt"
+
+    @property
+    def code(self) -> Path:  # the self-extracting copy that is counted and submitted
+        return self.folder / "train_gpt.packed.py"
+
+    @property
+    def summary(self) -> Path:
+        return self.folder / "submission.json"
 
 
 class StageTimer:
@@ -634,6 +677,9 @@ class DocumentSegments(NamedTuple):
     max_len: int
 
 
+compiled_create_block_mask = torch.compile(create_block_mask)  # the block mask built by one kernel, not from a dense [B, T, T] mask
+
+
 def document_attention_mask(ids: torch.Tensor, kind: str) -> "BlockMask | DocumentSegments | torch.Tensor":
     """DOC_MASK's mask for windows ids [B, T]: position q sees positions kv <= q of its own document
     (a BOS starts one; a window's first tokens before any BOS are one document). kind "flex": a
@@ -652,7 +698,7 @@ def document_attention_mask(ids: torch.Tensor, kind: str) -> "BlockMask | Docume
     doc = torch.cumsum(ids == BOS_ID, dim=1)
     if kind == "dense":
         return (doc[:, :, None] == doc[:, None, :]).tril()[:, None]
-    return create_block_mask(lambda b, h, q, kv: (kv <= q) & (doc[b, q] == doc[b, kv]), B, None, T, T, device=ids.device, _compile=True)
+    return compiled_create_block_mask(lambda b, h, q, kv: (kv <= q) & (doc[b, q] == doc[b, kv]), B, None, T, T, device=ids.device)
 
 
 def causal_attention(q, k, v, backend: str, mask: "BlockMask | DocumentSegments | torch.Tensor | None" = None) -> torch.Tensor:
@@ -2025,15 +2071,14 @@ def self_extracting_source(source: bytes) -> bytes:
     )
 
 
-def counted_code(h: Hyperparameters, log: Logger, write: bool) -> bytes:
+def counted_code(h: Hyperparameters, log: Logger, path: Path | None) -> bytes:
     """The code that would be submitted and counted: this file, or its self-extracting copy
-    without docstrings and comments (written next to the artifact when `write`)."""
+    without docstrings and comments (written to `path` if given)."""
     source = Path(__file__).read_bytes()
     if not h.pack_code:
         return source
     packed = self_extracting_source(strip_docstrings(source.decode()).encode())
-    path = Path(h.artifact_path).with_name("train_gpt.packed.py")
-    if write:
+    if path is not None:
         path.write_bytes(packed)
     log(f"code: {len(source):,} bytes readable, {len(packed):,} bytes self-extracting ({path})")
     return packed
@@ -2609,8 +2654,8 @@ def build_model(h: Hyperparameters, rt: Runtime, log: Logger) -> GPT:
     return model
 
 
-def load_artifact_model(h: Hyperparameters, rt: Runtime, log: Logger) -> tuple[GPT, int]:
-    data = Path(h.artifact_path).read_bytes()
+def load_artifact_model(path: Path, h: Hyperparameters, rt: Runtime, log: Logger) -> tuple[GPT, int]:
+    data = path.read_bytes()
     model = build_model(h, rt, log)
     state, model.looping = unpack_artifact(data, h)
     model.load_state_dict(state)
@@ -2650,33 +2695,117 @@ def run_evaluations(model, val_tokens, target_bytes, h, rt, log, timer, results:
             log(f"  steady state over {len(later)} chunks of {h.ttt_chunk_tokens:,} tokens: scoring {len(later) * h.ttt_chunk_tokens / score_s:,.0f} tok/s, training {1000 * train_s / max(1, steps):.1f} ms/step ({h.ttt_batch_seqs // rt.world_size} sequences per rank); first chunk {sum(r.chunk_seconds[0]):.1f}s")
 
 
-def main():
-    h = Hyperparameters.from_env()
+class SetupError(ValueError):
+    """A bad argument, setting or data file, found before any work starts: reported in one line
+    (by rank 0 only), without a traceback."""
+
+
+@contextlib.contextmanager
+def setup_errors():
+    """Turns the clear errors of the set-up checks into SetupError."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        raise SetupError(str(err)) from None
+
+
+def usage() -> str:
+    """--help: what the script is, how to launch it, and every hyperparameter with its default,
+    allowed range and meaning, read from the Hyperparameters class (its field comments)."""
+    meanings, sections = hyperparameter_comments()
+    lines = [
+        (__doc__ or "train_gpt.py, the Parameter Golf training script (submitted copy)").split("\n\n")[0],  # the copy has no docstrings "",
+        "Launch:   torchrun --standalone --nproc_per_node=8 train_gpt.py   (one GPU or a CPU: python3 train_gpt.py)",
+        "Settings: environment variables, NAME=value python3 train_gpt.py; every output goes to OUT_DIR/RUN_ID/.",
+    ]
+    width = max(len(f.name) for f in dataclasses.fields(Hyperparameters)) + 1
+    section = None
+    for f in dataclasses.fields(Hyperparameters):
+        if sections.get(f.name, "") != section:
+            section = sections.get(f.name, "")
+            lines += ["", f"{section}:"] if section else [""]
+        default = getattr(Hyperparameters, f.name) if f.default is not dataclasses.MISSING else None
+        shown = ("1" if default else "0") if f.type == "bool" else repr(default) if f.type == "str" else f"{default:g}" if f.type == "float" else str(default)
+        lines.append(f"  {f.name.upper():{width}s} {shown:10s} {allowed_values(f):18s} {meanings.get(f.name, '')}".rstrip())
+    if not meanings:  # the submitted copy keeps no comments
+        lines += ["", "(the meanings are in the comments of the readable train_gpt.py)"]
+    return "\n".join(lines)
+
+
+def allowed_values(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    if meta.get("choices"):
+        return "|".join(meta["choices"])
+    if f.type == "bool":
+        return "0|1"
+    if meta.get("file_name"):
+        return "a file name"
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and hi is not None:
+        return f"[{lo:g}, {hi:g}]"
+    if lo is not None:
+        return f"{'>' if meta.get('lo_open') else '>='} {lo:g}"
+    return "" if hi is None else f"<= {hi:g}"
+
+
+def hyperparameter_comments() -> tuple[dict[str, str], dict[str, str]]:
+    """Each field's trailing comment (its meaning) and the comment line heading its group, from the
+    source of Hyperparameters; empty where the source has no comments (the submitted copy)."""
+    try:
+        source = inspect.getsource(Hyperparameters)
+    except (OSError, TypeError):
+        return {}, {}
+    names = {f.name for f in dataclasses.fields(Hyperparameters)}
+    lines: dict[int, list[tokenize.TokenInfo]] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL, tokenize.NEWLINE):
+            lines.setdefault(tok.start[0], []).append(tok)
+    meanings, sections, section = {}, {}, ""
+    for toks in lines.values():
+        if toks[0].type == tokenize.COMMENT:  # a comment line heads the fields below it
+            section = toks[0].string.lstrip("#").strip()
+        elif toks[0].string in names and len(toks) > 1 and toks[1].string == ":":
+            sections[toks[0].string] = section
+            if toks[-1].type == tokenize.COMMENT:
+                meanings[toks[0].string] = toks[-1].string.lstrip("#").strip()
+    return meanings, sections
+
+
+def main(argv: list[str] = ()) -> int:
+    """The command line takes no arguments (settings are environment variables), or --help."""
+    if list(argv) in (["-h"], ["--help"]):
+        print(usage())
+        return 0
+    if argv:
+        raise SetupError(f"unexpected argument {argv[0]!r}: settings are environment variables (NAME=value python3 train_gpt.py); --help lists them")
+    with setup_errors():
+        h = Hyperparameters.from_env()
     rt = init_runtime()
-    h.validate(rt.world_size)
+    with setup_errors():
+        h.validate(rt.world_size)
     if not h.run_id:
         run_id = [f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"]
         if rt.distributed:
             dist.broadcast_object_list(run_id, 0)
         h.run_id = run_id[0]
-    log = Logger(Path(h.log_dir) / f"{h.run_id}.txt" if rt.is_main else None)
+    files = RunFiles.of(h)
+    log = Logger(files.log if rt.is_main else None)
     try:
-        run(h, rt, log)
+        run(h, rt, log, files)
     except Exception as err:
-        log(f"error: {err}")  # the log file keeps the reason the run ended
+        log.record(f"error: {err}")  # the log file keeps the reason the run ended (stderr has it once)
         raise
     if rt.distributed:
         dist.destroy_process_group()
+    return 0
 
 
-def run(h: Hyperparameters, rt: Runtime, log: Logger):
-    """Data, training, calibration, artifact and evaluation; writes submission.json on rank 0."""
+def run(h: Hyperparameters, rt: Runtime, log: Logger, files: RunFiles):
+    """Data, training, calibration, artifact and evaluation; writes the run folder's
+    submission.json on rank 0. The data is checked before anything is logged, so that a bad
+    DATA_DIR ends the run with its one line."""
     timer = StageTimer(log, rt.device)
-    log_environment(h, rt, log)
-    torch.manual_seed(h.seed)
-    np.random.seed(h.seed)
-
-    with timer("load_data"):
+    with timer("load_data"), setup_errors():
         check_data_dir(h)
         sp = load_tokenizer(tokenizer_path(h), h.vocab_size)
         val_files = find_shards(h, "val")
@@ -2684,11 +2813,18 @@ def run(h: Hyperparameters, rt: Runtime, log: Logger):
         sidecar = load_validation_byte_sidecars(val_files, len(val_tokens))
         target_bytes = validation_target_bytes(val_tokens, build_byte_tables(sp), sidecar)
         train_files = [] if h.eval_only else find_shards(h, "train")
+        for f in train_files:
+            read_shard(f)  # the header and size of every shard, before the clock
+        if h.eval_only and not files.artifact.is_file():
+            raise FileNotFoundError(f"ARTIFACT_PATH={h.artifact_path!r}: no such file")
+    log_environment(h, rt, log)
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
     log(f"data: {len(train_files)} train shards, {len(val_tokens) - 1:,} validation targets, {int(target_bytes.sum()):,} validation bytes (from {'the byte sidecars' if sidecar is not None else 'the tokenizer'})")
     results: dict[str, EvalResult] = {}
     summary: dict = dict(run_id=h.run_id, seed=h.seed, world_size=rt.world_size, torch=torch.__version__, hardware=f"{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'} x{rt.world_size}")
 
-    submitted_code = counted_code(h, log, write=rt.is_main)
+    submitted_code = counted_code(h, log, files.code if rt.is_main else None)
     code = len(submitted_code)  # counted against the limit with the weights
     summary["code_sha256"] = hashlib.sha256(submitted_code).hexdigest()  # runs of one submission share it
     if not h.eval_only:
@@ -2721,24 +2857,24 @@ def run(h: Hyperparameters, rt: Runtime, log: Logger):
                 r = evaluate(model, val_tokens, target_bytes, h.eval_seq_len, None, h.eval_batch_seqs, rt)
             results[label] = r
             log(f"eval {label}: val_loss {r.loss:.5f} val_bpb {r.bpb:.5f}")
-        if h.checkpoint_path and rt.is_main:  # the unquantized final weights, for quantization studies
-            torch.save({"state_dict": model.state_dict(), "looping": model.looping}, h.checkpoint_path)
+        if files.checkpoint is not None and rt.is_main:  # the unquantized final weights, for quantization studies
+            torch.save({"state_dict": model.state_dict(), "looping": model.looping}, files.checkpoint)
 
         blob = build_artifact(model, hessians, multipliers, code, h, rt, log, timer)
         del model, optimizers, ema, hessians
         if rt.is_main:
-            Path(h.artifact_path).write_bytes(blob)
+            files.artifact.write_bytes(blob)
         if rt.distributed:
             dist.barrier()
 
-    weight_bytes = Path(h.artifact_path).stat().st_size
+    weight_bytes = files.artifact.stat().st_size
     log(f"artifact: weights {weight_bytes:,} + code {code:,} = {weight_bytes + code:,} bytes (limit {ARTIFACT_LIMIT_BYTES:,})")
     total = check_artifact_size(weight_bytes, code)
     summary.update(artifact_bytes=dict(weights=weight_bytes, code=code, total=total))
 
     eval_clock = time.perf_counter()
     with timer("load_artifact"):
-        model, _ = load_artifact_model(h, rt, log)
+        model, _ = load_artifact_model(files.artifact, h, rt, log)
     run_evaluations(model, val_tokens, target_bytes, h, rt, log, timer, results)
     eval_total = agreed_elapsed(eval_clock, rt)
     log(f"evaluation took {eval_total:.1f}s (artifact load, compile and every stage; limit {EVAL_LIMIT_SECONDS:.0f}s)")
@@ -2757,14 +2893,18 @@ def run(h: Hyperparameters, rt: Runtime, log: Logger):
         stage_seconds={k: round(v, 2) for k, v in timer.seconds.items()},
     )
     if rt.is_main:
-        Path("submission.json").write_text(json.dumps(summary, indent=2) + "\n")
+        files.summary.write_text(json.dumps(summary, indent=2) + "\n")
     log(f"final val_bpb {final.bpb:.5f} ({final_stage})")
 
 
 if __name__ == "__main__":
+    rank = os.environ.get("RANK", "0")
     try:
-        main()
+        sys.exit(main(sys.argv[1:]))
+    except SetupError as err:  # one line, from rank 0 only; every rank exits with the same code
+        if rank == "0":
+            print(f"train_gpt.py: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except Exception as err:  # one clear line first; the traceback follows for the details
-        rank = os.environ.get("RANK", "0")
         print(f"train_gpt.py{'' if rank == '0' else f' (rank {rank})'}: error: {err}", file=sys.stderr, flush=True)
         raise

@@ -43,7 +43,7 @@ def run_one(out: Path, name: str, env: dict, seed: int, gpu: str | None, cpu_thr
     # Runs side by side share the CPU: each gets its share of the cores for torch's CPU work
     # (model init, artifact decoding). Unbounded, k runs x all cores of spinning OpenMP threads
     # made one CPU stage 10-20x slower (load_artifact 83 s instead of 4 s with 3 runs at once).
-    full = {"OMP_NUM_THREADS": str(cpu_threads), **os.environ, **env, "SEED": str(seed), "RUN_ID": f"{name}_s{seed}", "LOG_DIR": str(run_dir)}
+    full = {"OMP_NUM_THREADS": str(cpu_threads), **os.environ, **env, "SEED": str(seed), "RUN_ID": f"{name}_s{seed}", "OUT_DIR": str(out)}  # the run's outputs land in run_dir
     if gpu is not None:
         full["CUDA_VISIBLE_DEVICES"] = gpu
     t0 = time.time()
@@ -160,7 +160,7 @@ def main():
         common = parse_env(args.common)
         if "ITERATIONS" not in common:
             ap.error("--common must set ITERATIONS (B4 runs a fixed number of steps)")
-        run_all(args.out, variants, seeds, common, args.gpus.split(",") if args.gpus else [None], args.eval_only)
+        run_all(args.out.resolve(), variants, seeds, common, args.gpus.split(",") if args.gpus else [None], args.eval_only)
     table = report(args.out, list(variants), seeds)
     print(table)
     (args.out / "summary.txt").write_text(table + "\n")

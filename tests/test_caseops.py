@@ -192,11 +192,13 @@ def test_export_resumes_to_the_same_files_and_refuses_foreign_folders(exported, 
 
 def test_training_runs_on_an_export(exported, tmp_path, monkeypatch):
     _, _, out = exported
-    env = {**QUICK_RUN_ENV, "DATA_DIR": str(out), "VOCAB_SIZE": str(EXPORT_VOCAB), "ITERATIONS": "4", "WARMUP_STEPS": "0", "TTT_ENABLED": "0", "QUANT_ALLOC_SEQS": "0", "PACK_CODE": "0", "ARTIFACT_TARGET_BYTES": "0", "EVAL_STRIDE": "32", "LOG_DIR": str(tmp_path)}
+    env = {**QUICK_RUN_ENV, "DATA_DIR": str(out), "VOCAB_SIZE": str(EXPORT_VOCAB), "ITERATIONS": "4", "WARMUP_STEPS": "0", "TTT_ENABLED": "0", "QUANT_ALLOC_SEQS": "0", "PACK_CODE": "0", "ARTIFACT_TARGET_BYTES": "0", "EVAL_STRIDE": "32", "OUT_DIR": str(tmp_path), "RUN_ID": "caseops"}
     h = tg.Hyperparameters.from_env(env)
-    monkeypatch.chdir(tmp_path)  # submission.json and the artifact land here
+    monkeypatch.chdir(tmp_path)
     lines = []
-    tg.run(h, tg.Runtime(0, 1, 0, tg.torch.device("cpu")), lines.append)
+    files = tg.RunFiles.of(h)  # submission.json and the artifact land in tmp_path/caseops/
+    files.folder.mkdir()
+    tg.run(h, tg.Runtime(0, 1, 0, tg.torch.device("cpu")), lines.append, files)
     assert any("validation bytes (from the byte sidecars)" in line for line in lines) and "final val_bpb" in lines[-1]
 
 

@@ -145,10 +145,23 @@ def test_world_size_two_with_same_global_batch_is_valid():
     assert h.train_batch_tokens // (2 * h.accum_steps(2) * h.train_seq_len) == 48
 
 
+def hyperparameter_group_rows() -> str:
+    """The README's table of settings by group, in the order of Hyperparameters."""
+    _, sections = tg.hyperparameter_comments()
+    groups: dict[str, list[str]] = {}
+    for f in dataclasses.fields(tg.Hyperparameters):
+        groups.setdefault(sections[f.name], []).append(f"`{f.name.upper()}`")
+    return "\n".join(f"| {group} | {', '.join(names)} |" for group, names in groups.items())
+
+
 def test_readme_documents_every_hyperparameter():
+    """The README's group table is the one generated from Hyperparameters (a new or renamed
+    setting fails here until the table is regenerated: the message holds the new rows)."""
     from conftest import ROOT
 
     readme = (ROOT / "README.md").read_text()
+    rows = hyperparameter_group_rows()
+    assert f"| group | settings |\n| --- | --- |\n{rows}\n<!-- end of hyperparameter groups -->" in readme, rows
     missing = [f.name.upper() for f in dataclasses.fields(tg.Hyperparameters) if f"`{f.name.upper()}`" not in readme]
     assert not missing, missing
 

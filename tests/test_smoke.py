@@ -1,4 +1,5 @@
-"""The real script, end to end, on a tiny corpus and a tiny model (CPU, no compile)."""
+"""The real script, end to end, on a tiny corpus and a tiny model (CPU, no compile), run inside a
+clean copy of the checkout (which it must leave clean); its command line and its errors."""
 
 import hashlib
 import json
@@ -19,27 +20,61 @@ from tiny_data import QUICK_RUN_ENV
 TINY_ENV = dict(QUICK_RUN_ENV, PACK_CODE="1", RUN_ID="smoke", CHECKPOINT_PATH="final.pt", TTT_ENABLED="1")  # every evaluation stage
 
 
-def run_script(script, cwd, data_dir, **extra):
+def run_script(script, cwd, data_dir, *args, **extra):
     env = {**os.environ, **TINY_ENV, "DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "2", **extra}
-    return subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def final_bpb(log_text):
     return float(re.search(r"final val_bpb (\d+\.\d+)", log_text).group(1))
 
 
+def git(repo, *args) -> str:
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+
+def clean_checkout(dest):
+    """What is being tested as a fresh clone would hold it: the files git would track here
+    (tracked, and untracked but not ignored), committed into a new repository at dest. None
+    where the project is not a git work tree or git is missing."""
+    try:
+        listed = git(ROOT, "ls-files", "--cached", "--others", "--exclude-standard", "-z")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    git(dest, "init", "-q")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "snapshot")
+    return dest
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tiny_data, tmp_path_factory):
+    """The quick run, inside a clean checkout where there is one; returns its run folder."""
     root, _ = tiny_data
-    cwd = tmp_path_factory.mktemp("run")
-    proc = run_script(ROOT / "train_gpt.py", cwd, root)
+    cwd = tmp_path_factory.mktemp("checkout")
+    checkout = clean_checkout(cwd)
+    proc = run_script((checkout or ROOT) / "train_gpt.py", cwd, root)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd, root, proc
+    return cwd / "runs" / "smoke", root, proc
+
+
+def test_a_run_leaves_the_checkout_clean(smoke_run):
+    """Every output goes to runs/RUN_ID/, which git ignores: git status shows nothing new or changed."""
+    folder, _, _ = smoke_run
+    checkout = folder.parents[1]
+    if not (checkout / ".git").exists():
+        pytest.skip("the project is not a git work tree here")
+    assert git(checkout, "status", "--porcelain") == ""
+    assert {p.name for p in folder.iterdir()} == {"smoke.txt", "submission.json", "final_model.pgq", "train_gpt.packed.py", "final.pt"}
 
 
 def test_training_run_reaches_the_end_and_writes_its_log(smoke_run):
     cwd, _, proc = smoke_run
-    log = (cwd / "runs" / "smoke.txt").read_text()
+    log = (cwd / "smoke.txt").read_text()
     for expected in [
         "hyperparameters:", "  NUM_LAYERS=4", "environment: python", "torch", "stage load_data",
         "step 4 loss", "tok/s", "stopped after 12 steps", "reached ITERATIONS=12", "weights frozen",
@@ -110,16 +145,15 @@ def test_oversized_artifact_is_refused_without_a_score(tiny_data, tmp_path, monk
         monkeypatch.setenv(k, v)
     with pytest.raises(tg.ArtifactTooLarge, match="not under the 16,000,000-byte limit; no score is reported"):
         tg.main()
-    log = (tmp_path / "runs" / "big.txt").read_text()
-    assert "val_bpb" not in log and not (tmp_path / "submission.json").exists()
+    log = (tmp_path / "runs" / "big" / "big.txt").read_text()
+    assert "val_bpb" not in log and not (tmp_path / "runs" / "big" / "submission.json").exists()
 
 
 def test_bad_environment_value_fails_before_any_work(tiny_data, tmp_path):
     root, _ = tiny_data
     proc = run_script(ROOT / "train_gpt.py", tmp_path, root, NUM_HEADS="3", MAX_WALLCLOK_SECONDS="5")
     assert proc.returncode != 0
-    first = proc.stderr.splitlines()[0]  # one clear line first, the traceback after it
-    assert first == "train_gpt.py: error: MAX_WALLCLOK_SECONDS: not a hyperparameter; did you mean MAX_WALLCLOCK_SECONDS? (unset MAX_WALLCLOK_SECONDS to run)"
+    assert proc.stderr.splitlines() == ["train_gpt.py: error: MAX_WALLCLOK_SECONDS: not a hyperparameter; did you mean MAX_WALLCLOCK_SECONDS? (unset MAX_WALLCLOK_SECONDS to run)"]  # one line, no traceback
     assert not (tmp_path / "runs").exists() and not (tmp_path / "logs").exists()
 
 
@@ -157,4 +191,70 @@ def test_bad_data_ends_the_run_with_the_reason_in_the_log(tiny_data, tmp_path, m
         monkeypatch.setenv(k, v)
     with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
         tg.main()
-    assert (tmp_path / "runs" / f"bad_{kind}.txt").read_text().splitlines()[-1] == f"error: {err.value}"
+    assert (tmp_path / "runs" / f"bad_{kind}" / f"bad_{kind}.txt").read_text().splitlines()[-1] == f"error: {err.value}"
+
+
+def test_help_prints_every_hyperparameter_and_touches_nothing(tmp_path, monkeypatch, capsys):
+    """--help / -h: what the script is, how to launch it, every hyperparameter with its default,
+    range and meaning; exit 0 before the runtime (GPU), the data or any file is touched."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tg, "init_runtime", lambda: pytest.fail("--help started the runtime"))
+    for flag in ("--help", "-h"):
+        assert tg.main([flag]) == 0
+        text = capsys.readouterr().out
+        assert text.startswith(tg.__doc__.split("\n\n")[0]) and "torchrun --standalone --nproc_per_node=8 train_gpt.py" in text
+        assert "  MAX_WALLCLOCK_SECONDS" in text and "  ATTENTION_BACKEND" in text and "auto|fa3|cudnn" in text
+        assert "\nmodel:\n" in text and "training budget, GPTQ calibration included" in text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_hyperparameter_has_a_meaning_in_help():
+    meanings, sections = tg.hyperparameter_comments()
+    fields = [f.name for f in tg.dataclasses.fields(tg.Hyperparameters)]
+    assert [name for name in fields if not meanings.get(name)] == []  # document a new setting where it is defined
+    assert set(sections) == set(fields) and sections["seed"] == "run and data" and sections["muon_lr"] == "optimizer"
+    lines = {line.split()[0]: line for line in tg.usage().splitlines() if line.startswith("  ")}
+    assert set(lines) == {name.upper() for name in fields}
+    assert lines["WARMDOWN_FRAC"].split()[1:3] == [f"{tg.Hyperparameters.warmdown_frac:g}", "[0,"]
+    assert lines["EVAL_ONLY"].split()[1:3] == ["0", "0|1"] and lines["RUN_ID"].split()[1] == "''"
+
+
+def test_the_submitted_copy_has_help_without_the_comments(smoke_run, tmp_path):
+    folder, root, _ = smoke_run
+    proc = run_script(folder / "train_gpt.packed.py", tmp_path, root, "--help")
+    assert proc.returncode == 0 and "  MAX_WALLCLOCK_SECONDS" in proc.stdout
+    assert "(the meanings are in the comments of the readable train_gpt.py)" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_command_line_arguments_are_refused_in_one_line(tiny_data, tmp_path):
+    root, _ = tiny_data
+    proc = run_script(ROOT / "train_gpt.py", tmp_path, root, "--iterations=5")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "train_gpt.py: error: unexpected argument '--iterations=5': settings are environment variables (NAME=value python3 train_gpt.py); --help lists them\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_data_dir_is_reported_once_before_anything_else(tiny_data, tmp_path):
+    """The data is checked before the hyperparameters are logged: stdout stays empty and stderr
+    holds the one line, no traceback."""
+    root, _ = tiny_data
+    proc = run_script(ROOT / "train_gpt.py", tmp_path, tmp_path / "nowhere")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"train_gpt.py: error: DATA_DIR={str(tmp_path / 'nowhere')!r}: directory not found; download it from the challenge repository root with `python3 data/cached_challenge_fineweb.py --variant sp320` (it writes ./data/), or point DATA_DIR at it"]
+
+
+def test_only_rank_0_reports_a_setup_error(tiny_data, tmp_path):
+    """Under torchrun every rank finds the same bad setting: the others exit quietly, same code."""
+    root, _ = tiny_data
+    for rank, expected in (("0", 1), ("3", 0)):
+        proc = run_script(ROOT / "train_gpt.py", tmp_path, root, RANK=rank, LOG_DIR="old")
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == expected
+    assert proc.stdout == "" and not (tmp_path / "runs").exists()
+
+
+def test_eval_only_needs_an_artifact_path():
+    with pytest.raises(ValueError, match="EVAL_ONLY=1: set ARTIFACT_PATH to the artifact to evaluate"):
+        tg.Hyperparameters(eval_only=True).validate(1)
+    with pytest.raises(ValueError, match="LOG_DIR: renamed to OUT_DIR"):
+        tg.Hyperparameters.from_env({"LOG_DIR": "x"})

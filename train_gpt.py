@@ -2506,7 +2506,10 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, host_tokens: np.ndarra
             optimizer.restart(new)
         a = torch.where(live, scored_to, 0)  # this chunk: targets [a, b) of each row's document
         b = torch.where(live, torch.minimum(scored_to + chunk, end), 0)
-        w = torch.maximum(first, b - seq_len) * live  # read from tokens [w, b] of its own document
+        # the window: the last seq_len tokens before the end of the chunk's slot on the grid, never
+        # before the document's start, so a target's context is fixed by its own position (a
+        # partial last chunk reads no more than a full one: where the document ends is not known)
+        w = torch.maximum(first, a + chunk - seq_len) * live
         more = live & (b < end)  # rows that take a step after this chunk
         w_, a_, b_, more_ = torch.stack([w, a, b, more]).to(device).unbind()
         window = w_[:, None] + torch.arange(seq_len, device=device)
@@ -2575,8 +2578,8 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     AdamW step on that document's adapters, taken after the chunk's scores are counted (none
     after its last chunk). With LORA_TTT_PHASES, at each phase boundary every rank stops claiming,
     finishes its documents, and all ranks train all weights on every document of the batches
-    before the boundary (all scored by then) before LoRA TTT goes on; otherwise the weights stay
-    as they are. `trace`, if a list, records ("score"|"train", document, first_target,
+    before the boundary (all scored by then) before LoRA TTT goes on; the weights are restored
+    at the end, so the model leaves as it came. `trace`, if a list, records ("score"|"train", document, first_target,
     end_target) and ("phase", documents) events for tests; `log`, if given, hears about every
     tenth batch and every phase (what rank 0 sees reaches the log)."""
     t0 = time.perf_counter()
@@ -2600,8 +2603,10 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
             log(f"  lora_ttt: batch {number}/{len(batches)} claimed by rank {rt.rank} at {time.perf_counter() - t0:.0f}s")
         return None if number is None else batches[number]
 
+    boundaries = phase_boundaries(len(batches), h)
+    artifact_weights = [p.detach().clone() for p in model.parameters()] if boundaries else None  # the phases train them
     train_steps = 0
-    for limit in [*phase_boundaries(len(batches), h), len(batches)]:
+    for limit in [*boundaries, len(batches)]:
         with frozen_weights(model):
             train_steps += _lora_ttt_documents(model, tokens, host_tokens, target_bytes, lambda: claim_below(limit), h, acc, trace)
         if limit < len(batches):
@@ -2611,6 +2616,8 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
                 trace.append(("phase", scored))
             if log is not None:
                 log(f"  lora_ttt: global SGD phase after {len(scored):,} documents ({sum(e - f for f, e in scored):,} tokens): {steps} steps, {time.perf_counter() - t_phase:.1f}s, at {time.perf_counter() - t0:.0f}s")
+    if artifact_weights is not None:  # what runs after (the sliding diagnostic) scores the artifact, not weights trained on validation
+        torch._foreach_copy_([p.detach() for p in model.parameters()], artifact_weights)
     for t in (acc.nll, acc.bytes, acc.count, acc.untilted_nll):
         all_reduce(t)
     untilted = acc.untilted_nll.item() if h.ngram_tilt_beta > 0 else None

@@ -59,9 +59,10 @@ def test_every_target_scored_once_and_bytes_match(learned):
 
 def test_without_learning_each_target_is_scored_from_its_own_document_prefix(tiny_data, cpu_runtime):
     """LR 0: the adapters stay the identity, and every score equals the model's prediction from
-    its own document's tokens in the window that ends with the target's chunk (<= SEQ tokens; as
-    a sliding window with stride CHUNK), computed one target at a time (float64, which autocast
-    leaves alone, so that batching and padding show up only as rounding)."""
+    its own document's tokens in the window that ends with the target's slot on the chunk grid
+    (<= SEQ tokens; as a sliding window with stride CHUNK, also for a partial last chunk),
+    computed one target at a time (float64, which autocast leaves alone, so that batching and
+    padding show up only as rounding)."""
     tokens, tables, docs = _documents(tiny_data)
     model = _model().double()
     r = _lora(tokens, tables, cpu_runtime, h=_h(lora_ttt_lr=0.0), model=model, return_token_nll=True)
@@ -69,8 +70,8 @@ def test_without_learning_each_target_is_scored_from_its_own_document_prefix(tin
     with torch.no_grad():
         for first, end in docs:
             for k in range(first, end):
-                chunk_end = min(first + ((k - first) // CHUNK + 1) * CHUNK, end)
-                window = tokens[max(first, chunk_end - SEQ) : k + 1][None]
+                slot_end = first + ((k - first) // CHUNK + 1) * CHUNK  # past the document's end for a partial last chunk
+                window = tokens[max(first, slot_end - SEQ) : k + 1][None]
                 expected[k] = model.token_nll(model.hidden_states(window)[:, -1:], tokens[k + 1 : k + 2][None]).double().item()
     torch.testing.assert_close(r.token_nll, expected, rtol=1e-9, atol=1e-9)
 
@@ -123,6 +124,24 @@ def test_changing_one_document_changes_no_other_document_nor_its_own_past(learne
     assert not torch.equal(nll[t:end], base[t:end])
 
 
+def test_tokens_inserted_later_in_a_document_change_no_earlier_score(tiny_data, cpu_runtime):
+    """Where a document ends is a future fact: tokens inserted after target t of a document
+    longer than the context, in its last and partial chunk, leave every score up to t, and every
+    other document's, as they were."""
+    tokens, tables, docs = _documents(tiny_data)
+    first, end = max(docs, key=lambda d: d[1] - d[0])
+    assert end - first > SEQ
+    filler = lambda n: torch.full((n,), 5, dtype=tokens.dtype)  # noqa: E731
+    if (end - first) % CHUNK == 0:  # make its last chunk partial
+        tokens, end = torch.cat([tokens[:end], filler(3), tokens[end:]]), end + 3
+    t = first + (end - first) // CHUNK * CHUNK  # the last chunk's first target
+    longer = torch.cat([tokens[: t + 1], filler(CHUNK // 2), tokens[t + 1 :]])
+    base = _lora(tokens, tables, cpu_runtime, return_token_nll=True).token_nll
+    nll = _lora(longer, tables, cpu_runtime, return_token_nll=True).token_nll
+    assert torch.equal(nll[: t + 1], base[: t + 1]), "a score before the inserted tokens moved"
+    assert torch.equal(nll[end + CHUNK // 2 :], base[end:]), "a later document's score moved"
+
+
 PHASED = dict(lora_ttt_batch_docs=2, lora_ttt_phases=1, lora_ttt_phase_docs=2, lora_ttt_phase_lr=0.05, ttt_chunk_tokens=64, ttt_batch_seqs=2)  # one phase, after the first batch (2 documents)
 TWO_PHASES = dict(PHASED, lora_ttt_batch_docs=1, lora_ttt_phases=2, lora_ttt_phase_docs=1)  # after the first and the second document
 
@@ -173,6 +192,18 @@ def test_across_ranks_every_phase_trains_only_on_documents_some_rank_finished_be
         assert {first for first, _ in documents} <= finished[0][p] | finished[1][p]
     scored_by = [{e[1] for e in trace if e[0] == "score"} for trace in traces]
     assert not scored_by[0] & scored_by[1] and scored_by[0] | scored_by[1] == set(ends)  # every document on one rank
+
+
+def test_phases_leave_the_weights_as_they_found_them(tiny_data):
+    """The phases train all weights on validation documents; the evaluations after LoRA TTT (the
+    sliding diagnostic) must score the artifact's weights, not those."""
+    tokens, tables, _ = _documents(tiny_data)
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    r = _lora(tokens, tables, CPU, h=_h(**TWO_PHASES), model=model)
+    assert r.train_steps > 0
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 def test_phases_train_on_exactly_the_documents_scored_before_them(tiny_data):

@@ -41,7 +41,7 @@ def tiny_hyperparameters(**overrides) -> "tg.Hyperparameters":
         parallel_from_layer=3, lanes_from_layer=3, loop_start=1, loop_end=2, num_loops=1, train_seq_len=32, eval_seq_len=32,
         eval_stride=8, eval_batch_seqs=4, ttt_chunk_tokens=128, ttt_batch_seqs=4, train_batch_tokens=256,
         compile=False, warmup_steps=0, passthrough_max_numel=4096,
-        lora_ttt_chunk_tokens=8, lora_ttt_batch_docs=4,
+        lora_ttt_chunk_tokens=8, lora_ttt_long_chunk_tokens=16, lora_ttt_batch_docs=4,
     )
     values.update(overrides)
     return tg.Hyperparameters(**values)

@@ -103,7 +103,7 @@ def test_bad_values_name_the_variable(env, message):
         ({"TTT_BATCH_SEQS": "3"}, 1, "TTT_BATCH_SEQS=3: must divide the 16 sequences"),
         ({"TTT_BATCH_SEQS": "4"}, 8, "TTT_BATCH_SEQS=4: must be a multiple of world size 8"),
         ({"ATTENTION_BACKEND": "fa3"}, 1, "ATTENTION_BACKEND=fa3: flash_attn_interface is not importable"),
-        ({"VOCAB_SIZE": "65536", "NGRAM_TILT_ORDER": "4"}, 1, "NGRAM_TILT_ORDER=4: 4 token ids of VOCAB_SIZE=65536 do not fit the 63-bit n-gram codes"),
+        ({"VOCAB_SIZE": "65536", "NGRAM_TILT": "document", "NGRAM_TILT_ORDER": "4"}, 1, "NGRAM_TILT_ORDER=4: 4 token ids of VOCAB_SIZE=65536 do not fit the 63-bit n-gram codes of NGRAM_TILT=document"),
     ],
 )
 def test_incompatible_combinations_name_the_variable(env, world_size, message):

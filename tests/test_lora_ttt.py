@@ -17,7 +17,8 @@ CHUNK = 8
 
 
 def _h(**overrides):
-    values = dict(eval_seq_len=SEQ, lora_ttt=True, lora_ttt_rank=4, lora_ttt_alpha=8.0, lora_ttt_lr=0.05, lora_ttt_wd=0.0, lora_ttt_chunk_tokens=CHUNK, lora_ttt_batch_docs=3, ngram_tilt_beta=0.0)
+    values = dict(eval_seq_len=SEQ, lora_ttt=True, lora_ttt_rank=4, lora_ttt_alpha=8.0, lora_ttt_lr=0.05, lora_ttt_wd=0.0, lora_ttt_beta2=0.999, lora_ttt_chunk_tokens=CHUNK, lora_ttt_batch_docs=3,
+                  lora_ttt_targets=",".join(tg.LORA_TTT_TARGETS), lora_ttt_keep_a=False, ngram_tilt_beta=0.0)  # every target, documents independent
     return tiny_hyperparameters(**{**values, **overrides})
 
 
@@ -152,7 +153,7 @@ def _lora_on_rank(rank, world_size, tokens, tables, overrides):
     return r.nll_sum, r.byte_sum, r.tokens
 
 
-@pytest.mark.parametrize("overrides", [{}, TWO_PHASES], ids=["no phases", "phases"])
+@pytest.mark.parametrize("overrides", [{}, TWO_PHASES, dict(ngram_tilt_beta=2.0, ngram_tilt_order=2, ngram_tilt_min_share=0.6)], ids=["no phases", "phases", "stream tilt"])
 def test_two_ranks_give_the_same_totals(tiny_data, cpu_runtime, overrides):
     """The ranks claim batches from a shared counter; whichever rank scores a document, its
     scores are the same, so only the order of summation differs. With phases, each rank stops
@@ -290,12 +291,12 @@ def test_ngram_tilt_is_the_renormalised_tilted_distribution():
     assert (hints == -1).any() and (hints == targets).any()
 
 
-def test_tilt_changes_scores_and_keeps_documents_apart(learned, cpu_runtime):
-    """The tilt only reweights each score with a hint from its own document's prefix: the
+def test_document_tilt_changes_scores_and_keeps_documents_apart(learned, cpu_runtime):
+    """The document tilt only reweights each score with a hint from its own document's prefix: the
     training is the same (the untilted total matches), and a change in one document moves no
     score outside that document's future."""
     tokens, tables, docs, r, _ = learned
-    h = _h(ngram_tilt_beta=1.0, ngram_tilt_order=2)
+    h = _h(ngram_tilt="document", ngram_tilt_beta=1.0, ngram_tilt_order=2)
     tilted = _lora(tokens, tables, cpu_runtime, h=h, return_token_nll=True)
     assert tilted.untilted_nll_sum == pytest.approx(r.nll_sum, rel=1e-12) and tilted.nll_sum != pytest.approx(r.nll_sum, rel=1e-6)
     first, end = max(docs, key=lambda d: d[1] - d[0])
@@ -303,6 +304,97 @@ def test_tilt_changes_scores_and_keeps_documents_apart(learned, cpu_runtime):
     changed = _scrambled(tokens, t + 1, end)
     nll = _lora(changed, tables, cpu_runtime, h=h, return_token_nll=True).token_nll
     assert torch.equal(nll[:t], tilted.token_nll[:t]) and torch.equal(nll[end:], tilted.token_nll[end:])
+
+
+def test_target_switches_adapt_only_what_they_name(learned, cpu_runtime):
+    """LORA_TTT_TARGETS: the adapters exist for the named projections only (#2135's mask: K
+    off); the scores change with the mask, and an adapter's initial A does not."""
+    tokens, tables, _, r, _ = learned
+    model = _model()
+    every = tg.DocumentAdapters(model, 2, 4, 8.0)
+    no_k = tg.DocumentAdapters(model, 2, 4, 8.0, ("q", "v", "o", "mlp", "head"))
+    assert set(no_k.layer(0)) == {"q", "v", "o", "mlp"} and no_k.head() is not None
+    assert torch.equal(no_k.A["v_3"], every.A["v_3"]) and "k_0" not in no_k.A
+    no_head = tg.DocumentAdapters(model, 2, 4, 8.0, ("o", "mlp"))
+    assert set(no_head.layer(0)) == {"o", "mlp"} and no_head.head() is None
+    masked = _lora(tokens, tables, cpu_runtime, h=_h(lora_ttt_targets="q,v,o,mlp,head"), return_token_nll=True)
+    assert masked.tokens == r.tokens and not torch.equal(masked.token_nll, r.token_nll)
+    with pytest.raises(ValueError, match="LORA_TTT_TARGETS='q,x': a comma list of distinct q, k, v, o, mlp, head"):
+        _h(lora_ttt_targets="q,x").validate(1)
+
+
+def test_a_kept_across_documents_carries_only_what_earlier_documents_taught(tiny_data, cpu_runtime):
+    """LORA_TTT_KEEP_A, one row so that documents follow each other in queue order: a change in
+    the second document moves the scores of the documents after it in that row (A is kept),
+    never those before it nor its own past; without keep_a it moves no other document."""
+    tokens, tables, docs = _documents(tiny_data)
+    queue = sorted(docs, key=lambda d: d[0] - d[1])  # the order one row takes them in
+    first, end = queue[1]
+    t = first + CHUNK + 3
+    changed = _scrambled(tokens, t + 1, end)
+    for keep_a in (True, False):
+        h = _h(lora_ttt_batch_docs=1, lora_ttt_keep_a=keep_a)
+        base = _lora(tokens, tables, cpu_runtime, h=h, return_token_nll=True).token_nll
+        nll = _lora(changed, tables, cpu_runtime, h=h, return_token_nll=True).token_nll
+        f0, e0 = queue[0]
+        assert torch.equal(nll[f0:e0], base[f0:e0]) and torch.equal(nll[first:t], base[first:t])  # target t is the first changed token
+        later = [d for d in queue[2:]]
+        moved = any(not torch.equal(nll[f:e], base[f:e]) for f, e in later)
+        assert moved == keep_a
+        for f, e in later:  # a document's first chunk starts from B = 0: the model itself, kept A or not
+            assert torch.equal(nll[f : f + CHUNK], base[f : f + CHUNK])
+
+
+def _brute_force_stream_hints(tokens: list[int], order: int, share: float) -> list[int]:
+    hints = []
+    for k in range(len(tokens) - 1):
+        context = tokens[k - order + 1 : k + 1] if k >= order - 1 else None
+        follows = [tokens[j + 1] for j in range(order - 1, k) if context and tokens[j - order + 1 : j + 1] == context]
+        best = max(set(follows), key=follows.count) if follows else -1
+        hints.append(best if follows and follows.count(best) >= share * len(follows) else -1)
+    return hints
+
+
+@pytest.mark.parametrize("alphabet, vocab", [([2, 3, 4], 8), ([2, 3, 8193], 8194)], ids=["small ids", "ids past 13 bits"])
+def test_stream_hints_are_the_most_frequent_earlier_continuation_above_the_share(alphabet, vocab):
+    """Against a brute-force search: every earlier occurrence of the context anywhere in the
+    stream before the target, the most frequent continuation, fired at share >= the minimum."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        length = int(torch.randint(1, 160, (1,), generator=g))
+        tokens = torch.tensor(alphabet)[torch.randint(0, len(alphabet), (length,), generator=g)]
+        order, share = 1 + trial % 6, (0.51, 0.8, 1.0)[trial % 3]
+        assert tg.stream_ngram_hints(tokens, order, share, vocab).tolist() == _brute_force_stream_hints(tokens.tolist(), order, share)
+    long = torch.tensor(alphabet)[torch.randint(0, len(alphabet), (3000,), generator=g)]
+    fired = tg.stream_ngram_hints(long, 3, 0.8, vocab)
+    assert 0 < (fired >= 0).sum() < len(fired)
+
+
+def test_a_stream_hint_never_reads_its_target_or_a_later_token():
+    """Changing token t (target t - 1) leaves every hint of an earlier target as it was."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(2, 6, (400,), generator=g)
+    base = tg.stream_ngram_hints(tokens, 4, 0.8, 8)
+    for t in (1, 57, 200, 399):
+        changed = tokens.clone()
+        changed[t] = 2 + (changed[t] - 1) % 4
+        hints = tg.stream_ngram_hints(changed, 4, 0.8, 8)
+        assert torch.equal(hints[:t], base[:t])
+        assert t == 399 or not torch.equal(hints, base)
+
+
+def test_stream_tilt_in_lora_ttt_is_causal_in_stream_order(learned, cpu_runtime):
+    """With hints from the whole stream, a change at token t moves no score of a target before
+    t, whichever order the documents are scored in; the untilted training is unchanged."""
+    tokens, tables, docs, r, _ = learned
+    h = _h(ngram_tilt="stream", ngram_tilt_beta=2.625, ngram_tilt_order=2, ngram_tilt_min_share=0.6)
+    tilted = _lora(tokens, tables, cpu_runtime, h=h, return_token_nll=True)
+    assert tilted.untilted_nll_sum == pytest.approx(r.nll_sum, rel=1e-12) and tilted.nll_sum != pytest.approx(r.nll_sum, rel=1e-6)
+    first, end = docs[1]  # an early document: later ones read its tokens through their hints
+    t = first + 5
+    nll = _lora(_scrambled(tokens, t, end), tables, cpu_runtime, h=h, return_token_nll=True).token_nll
+    assert torch.equal(nll[: t - 1], tilted.token_nll[: t - 1])  # target t - 1 is token t itself
+    assert not torch.equal(nll[end:], tilted.token_nll[end:])  # the hints of later documents read it
 
 
 def test_warm_up_runs_the_evaluations_one_shape_and_changes_nothing(tiny_data, cpu_runtime, monkeypatch):
@@ -350,3 +442,48 @@ def test_row_adamw_is_adamw_with_beta1_zero_restarted_per_row():
             ref.grad = grad[r].clone()
             ref.opt.step()
             torch.testing.assert_close(param.detach()[r], ref.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_time_plan_bounds_a_200000_token_document():
+    """One 200,000-token document among ordinary ones: 48-token chunks everywhere would take
+    4,167 sequential steps (625 s at 0.15 s each), over the budget; the plan keeps short chunks
+    for each document's first 65,536 targets and takes 512 after, within the budget. With a budget
+    that nothing fits, adaptation stops after the steps it allows, and the log line says so."""
+    h = tg.Hyperparameters()
+    lengths = [200_000] + [700] * 5_000
+    plan, line = tg.lora_ttt_plan(lengths, h, 0.15, world_size=1)
+    assert (plan.chunk, plan.long_chunk, plan.short_span, plan.max_steps) == (48, 512, 65_536, tg.UNLIMITED)
+    assert plan.chunks(200_000) == 1366 + 263 and plan.chunks(700) == 15
+    projected = 0.15 * max(plan.chunks(200_000), sum(plan.chunks(n) for n in lengths) / 64)
+    assert projected <= h.lora_ttt_budget_seconds and f"projected {projected:.0f}s" in line and "first 65,536 targets, then 512" in line
+    finer = tg.ChunkPlan(48, 512, 131_072)
+    assert 0.15 * finer.chunks(200_000) > h.lora_ttt_budget_seconds  # the next finer plan would not fit
+    everywhere, _ = tg.lora_ttt_plan([700] * 100, h, 0.15, world_size=1)
+    assert everywhere.short_span == tg.UNLIMITED and everywhere.widest == 48
+    capped, line = tg.lora_ttt_plan(lengths, tg.Hyperparameters(lora_ttt_budget_seconds=10.0), 0.15, world_size=1)
+    assert capped.max_steps == 66 and capped.short_span == 0 and "cannot fit" in line and "after 66 steps" in line
+    assert tg.lora_ttt_plan(lengths, h, None, 1)[0].short_span == tg.UNLIMITED  # no measured step time: no plan
+
+
+def test_a_planned_grid_scores_every_target_once_and_stays_causal(tiny_data, cpu_runtime):
+    """A plan with long chunks past each document's first 16 targets and a step cap: every target
+    is scored once, chunks follow the grid, no document takes more steps than the cap, and
+    tokens inserted late in a document still change no earlier score."""
+    tokens, tables, docs = _documents(tiny_data)
+    plan = tg.ChunkPlan(CHUNK, 16, short_span=16, max_steps=4)
+    h = _h()
+    trace = []
+    acc = tg._Accumulator(torch.device("cpu"), len(tokens) - 1)
+    queue = [sorted(docs, key=lambda d: d[0] - d[1])]
+    model = _model()
+    with tg.frozen_weights(model):
+        tg._lora_ttt_documents(model, tokens, tokens.numpy(), tg.validation_target_bytes(tokens, tables), lambda: queue.pop() if queue else None, dataclasses.replace(h, lora_ttt_batch_docs=len(docs)), acc, plan, trace=trace)
+    assert not torch.isnan(acc.token_nll).any() and int(acc.count) == len(tokens) - 1
+    steps = {}
+    for event, doc, a, b in trace:
+        size = CHUNK if a - doc < 16 else 16
+        if event == "score":
+            assert b - a == size or b == dict(docs)[doc]
+        else:
+            steps[doc] = steps.get(doc, 0) + 1
+    assert max(steps.values()) == 4 and any(dict(docs)[d] - d > 16 + 4 * 16 for d in steps)

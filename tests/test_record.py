@@ -118,6 +118,7 @@ def test_best_score_from_another_record_folder(three_runs):
         ({"stage_seconds.eval_ttt": 520.0}, "evaluation took 609.0s, over 600s"),
         ({"stage_seconds.compile_lora_ttt": 212.0}, "evaluation took 601.0s, over 600s"),  # the LoRA TTT compile counts
         ({"eval_total_seconds": 600.5}, "evaluation took 600.5s, over 600s"),  # the run's own clock, where it has one
+        ({"eval_total_seconds": 650.0, "eval_scored_seconds": 600.5}, "evaluation took 600.5s, over 600s"),  # the records' count, where it has one
         ({"code_sha256": "0" * 64}, "the runs' counted code differs"),
         ({"artifact_bytes.code": 5}, "counted a code size other than the --code file's"),
     ],
@@ -129,6 +130,15 @@ def test_refusals_write_nothing(three_runs, changes, message):
     with pytest.raises(mr.RecordRefused, match=message):
         mr.make_record(runs + [bad], code, out, BEST, ROOT / "requirements.txt")
     assert not out.exists()
+
+
+def test_the_limit_holds_on_the_records_count_and_both_counts_are_reported(three_runs):
+    """From the first scored token to the final score is what the records count; the strict
+    count (load and compile warm-ups too) is reported beside it."""
+    tmp_path, runs, code = three_runs
+    over_strict = _run(tmp_path / "strict", 4, 2.7205, eval_total_seconds=640.0, eval_scored_seconds=480.0)
+    text = mr.make_record(runs + [over_strict], code, tmp_path / "record", BEST, ROOT / "requirements.txt")
+    assert "eval s (first scored token to score) | eval s (strict" in text and "| 480.0 | 640.0 |" in text
 
 
 def test_refuses_code_that_is_not_the_counted_file_and_a_used_folder(three_runs):

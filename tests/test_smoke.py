@@ -80,7 +80,7 @@ def test_training_run_reaches_the_end_and_writes_its_log(smoke_run):
         "step 4 loss", "tok/s", "stopped after 12 steps", "reached ITERATIONS=12", "weights frozen",
         "quantization steps: rounding damage", "artifact size fit", "eval raw: val_loss", "eval ema: val_loss", "stage gptq", "stage pack", "artifact: weights",
         "stage compile_eval", "eval quantized: val_loss", "eval sliding: val_loss", "stage compile_lora_ttt", "documents in", "eval lora_ttt: val_loss",
-        "without the n-gram tilt", "eval ttt: val_loss", "evaluation took", "quantization gap", "final val_bpb",
+        "without the n-gram tilt", "stream n-gram hints", "eval ttt: val_loss", "evaluation took", "by the records' count", "quantization gap", "final val_bpb",
     ]:
         assert expected in log, expected
     assert log == proc.stdout  # rank 0 prints exactly what it logs
@@ -99,7 +99,12 @@ def test_submission_json(smoke_run):
     assert summary["code_sha256"] == hashlib.sha256((cwd / "train_gpt.packed.py").read_bytes()).hexdigest()
     assert summary["torch"] and summary["hardware"] and summary["eval_seconds"]["lora_ttt"] > 0
     assert summary["eval_total_seconds"] >= sum(summary["eval_seconds"].values()) + summary["stage_seconds"]["compile_lora_ttt"]
-    assert summary["val_bpb"] == pytest.approx(summary["val_bpb_stages"]["lora_ttt"], abs=1e-6)  # the final score
+    assert summary["val_bpb"] == pytest.approx(summary["val_bpb_stages"]["lora_ttt"], abs=1e-6) and summary["final_stage"] == "lora_ttt"  # the final score
+    # the records' count: the quantized and LoRA TTT stages (the first scored token to the final score), not the load, compiles or the diagnostics after
+    stages = summary["stage_seconds"]
+    scored = stages["eval_quantized"] + stages["eval_lora_ttt"]  # each rounded to 0.01 s
+    assert scored - 0.02 <= summary["eval_scored_seconds"] < scored + 1.0
+    assert summary["eval_scored_seconds"] + stages["load_artifact"] + stages["compile_lora_ttt"] + stages["eval_sliding"] <= summary["eval_total_seconds"] + 0.04
 
 
 def test_checkpoint_holds_the_unquantized_final_weights(smoke_run):

@@ -2774,11 +2774,11 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
 
 
 def warm_up_lora_ttt(model: GPT, h: Hyperparameters, device: torch.device) -> float:
-    """Compiles LoRA TTT's one shape, forward and backward, on a batch of random two-chunk
+    """Compiles LoRA TTT's one shape, forward and backward, on a batch of random three-chunk
     documents (never validation tokens); the scores are discarded. A second pass over them, now
-    compiled, is timed: the step time the time plan projects with (one chunk with a step and one
-    without: a little more than a step)."""
-    length = 2 * h.lora_ttt_chunk_tokens
+    compiled, is timed: half of it is the step time the time plan projects with (two chunks with
+    a step and a last one without: a little more than two steps)."""
+    length = 3 * h.lora_ttt_chunk_tokens
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, h.vocab_size, (h.lora_ttt_batch_docs * length + 1,), generator=g)
     tokens[tokens == BOS_ID] = BOS_ID + 1
@@ -2791,7 +2791,7 @@ def warm_up_lora_ttt(model: GPT, h: Hyperparameters, device: torch.device) -> fl
             _lora_ttt_documents(model, tokens.to(device), tokens.numpy(), torch.ones(len(tokens), device=device), lambda: batches.pop() if batches else None, h, _Accumulator(device, None), ChunkPlan(h.lora_ttt_chunk_tokens, h.lora_ttt_long_chunk_tokens))
         synchronize(device)
         seconds = time.perf_counter() - t0
-    return seconds
+    return seconds / 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,19 +3,21 @@
 One file, read top to bottom in pipeline order:
 
     1. config      Hyperparameters (every field overridable by its UPPER_CASE env variable)
-    2. runtime     distributed setup, logging, stage timing
+    2. runtime     distributed setup, logging, stage timing, the run folder
     3. data        shard format, training loader, validation tokens, byte accounting
-    4. model       11-block recurrent transformer (XSA, partial RoPE, parallel residuals, U-Net skips)
+    4. model       11-block recurrent transformer (XSA, partial RoPE, parallel residuals, U-Net
+                   skips) and its kernels (FA3 or cuDNN attention, fused Triton loss and MLP)
     5. optimizer   Muon (row-normalised, batched Newton-Schulz, sharded across ranks) + AdamW
     6. training    schedule, EMA, compile warm-up, wallclock guard, train loop
     7. quantize    Hessians on training data, GPTQ with SDClip row scales, steps allocated by
-                   measured rounding damage
+                   measured rounding damage, LQER
     8. serialize   flat artifact layout, rANS-coded integers, brotli remainder, self-extracting
                    code, 16 MB guard
-    9. evaluate    plain, sliding window, score-first test-time training
-   10. main
+    9. evaluate    plain, sliding window, score-first TTT, per-document LoRA TTT with the stream
+                   n-gram tilt and its time plan
+   10. main        the pipeline, --help, one-line errors
 
-Launch:  torchrun --standalone --nproc_per_node=8 train_gpt.py
+Launch:  torchrun --standalone --nproc_per_node=8 train_gpt.py   (--help lists every setting)
 """
 
 from __future__ import annotations
@@ -62,8 +64,11 @@ except ImportError:
     triton = None
 
 # ---------------------------------------------------------------------------------------------
-# 1. Config
+# 1. Config: every setting in one dataclass
 # ---------------------------------------------------------------------------------------------
+# Why one dataclass: each field is an environment variable of its upper-case name, range-checked,
+# printed at the start of the log and listed by --help with the comment beside it; cross-field
+# checks name the variable to change. A run is fully described by its environment.
 
 
 def _param(default, lo=None, hi=None, choices=None, lo_open=False, file_name=False):
@@ -293,8 +298,11 @@ def _parse_value(name: str, raw: str, type_name: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Runtime: distributed setup, logging, timing
+# 2. Runtime: distributed setup, logging, timing, where outputs go
 # ---------------------------------------------------------------------------------------------
+# Why: every rank runs the same code; rank 0 alone logs and writes, into OUT_DIR/RUN_ID/, so a
+# run never touches the checkout. Stages are timed with the device synchronised, so the log's
+# seconds are the GPU's, not the launch queue's.
 
 
 @dataclass
@@ -407,8 +415,11 @@ class StageTimer:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Data
+# 3. Data: shards, the training loader, validation tokens and their bytes
 # ---------------------------------------------------------------------------------------------
+# Why here the score is decided: val_bpb divides by the bytes of the original text (the pieces'
+# bytes, or a CaseOps byte sidecar), never by token counts; bad shards and tokenizers are refused
+# with the file named. Training reads only training shards.
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_HEADER_BYTES = 4 * SHARD_HEADER_INTS
@@ -632,8 +643,11 @@ def validation_target_bytes(tokens: torch.Tensor, tables: ByteTables, sidecar: t
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Model
+# 4. Model: the recurrent transformer and its kernels
 # ---------------------------------------------------------------------------------------------
+# Why the kernels live beside the model: the fused Triton loss and MLP backward, and FA3 or
+# cuDNN attention, are chosen once (configure_kernels) and must give the plain path's numbers;
+# the blocks compile one by one (regional compilation), so every variant compiles in seconds.
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -1141,16 +1155,20 @@ def eager(model: GPT):
 
 
 def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> str:
-    """Picks the causal attention kernel (FA3 when importable, else the requested/fastest SDPA
-    backend; with SPEEDUPS, cuDNN reads the grouped K and V directly), DOC_MASK's masked kernel
+    """Picks the causal attention kernel (auto: FA3 when importable, measured fastest at every use,
+    else cuDNN; or the requested one; with SPEEDUPS, cuDNN reads the grouped K and V directly), DOC_MASK's masked kernel
     (FA3's varlen kernel with FA3; else FlexAttention with a document block mask on CUDA; SDPA with
     the dense mask on CPU) and, with SPEEDUPS on a CUDA device with Triton, the fused loss kernel
     and the MLP backward's fused matmul. Returns a summary for the log."""
-    backend = h.attention_backend
+    backend, chosen = h.attention_backend, ""
     if device.type != "cuda":
         backend = "math"
     elif backend == "auto":
+        # FA3 against cuDNN at each use's shape (bench/attention_backends.py --uses, one H200,
+        # EXPERIMENTS.md): training 2.04 vs 2.29 ms, LoRA TTT rows 2.70 vs 3.03 ms (forward and
+        # backward), evaluation windows 0.32 vs 0.34 ms (forward): FA3 for every use
         backend = "fa3" if flash_attn_3 is not None else "cudnn"
+        chosen = " for training, LoRA TTT and the evaluation windows (auto: the fastest measured at each)" if backend == "fa3" else " (auto: FlashAttention-3 is not importable)"
     if backend not in ("fa3", "math"):  # leave SDPA exactly one fused kernel to choose
         torch.backends.cuda.enable_cudnn_sdp(backend == "cudnn")
         torch.backends.cuda.enable_flash_sdp(backend == "flash")
@@ -1165,7 +1183,7 @@ def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> s
     for block in model.blocks:
         block.mlp.fused = fused and h.model_dim % 8 == 0  # TMA: rows of 16-byte multiples (bf16)
     masks = f", document masks {model.mask_kind}" if h.doc_mask else ""
-    return f"attention {backend}{masks}, fused loss and MLP {'on' if fused else 'off'}"
+    return f"attention {backend}{chosen}{masks}, fused loss and MLP {'on' if fused else 'off'}"
 
 
 def compile_model(model: GPT):
@@ -1204,8 +1222,10 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Optimizer
+# 5. Optimizer: Muon for the matrices, AdamW for the rest
 # ---------------------------------------------------------------------------------------------
+# Why banks: same-shaped matrices are orthogonalised in one batched Newton-Schulz call and
+# split across ranks, so an update costs one all-gather per bank.
 
 
 # Odd quintic p(x) = a x + b x^3 + c x^5 applied to the singular values at each Newton-Schulz step.
@@ -1360,8 +1380,11 @@ class Optimizers:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Training
+# 6. Training: schedule, EMA, compile warm-up, the wallclock guard
 # ---------------------------------------------------------------------------------------------
+# Why progress is max(step share, clock share): a timed run follows the clock, a B4 run with
+# ITERATIONS follows its steps exactly; the loop stops before a step that would pass the budget,
+# and the budget keeps GPTQ_RESERVE_SECONDS for calibration inside the 600 s.
 
 
 def training_progress(step: int, elapsed: float, budget: float, iterations: int) -> float:
@@ -1527,8 +1550,10 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Quantization: Hessians on training data, GPTQ with SDClip
+# 7. Quantize: Hessians on training data, GPTQ with SDClip, steps allocated by damage
 # ---------------------------------------------------------------------------------------------
+# Why calibration is training data only and inside the clock: the rules count everything before
+# the weights are frozen. Steps are allocated where rounding hurts most at equal artifact size.
 
 
 def quantized_matrices(model: GPT) -> dict[str, nn.Module | None]:
@@ -1820,8 +1845,10 @@ def allocate_quantization_steps(model: GPT, hessians: dict, loader: TrainLoader,
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Serialize: flat layout, byte shuffle, compression, code size, 16 MB guard
+# 8. Serialize: flat layout, rANS codes, compressed remainder, counted code, 16 MB guard
 # ---------------------------------------------------------------------------------------------
+# Why a flat layout: names and shapes follow from the architecture, so the artifact stores only
+# numbers; weights + counted code must stay under 16,000,000 bytes or no score is reported.
 
 ARTIFACT_MAGIC = b"PGOLF1"
 ARTIFACT_LIMIT_BYTES = 16_000_000
@@ -2155,8 +2182,11 @@ def build_artifact(model: GPT, hessians: dict, multipliers: dict[str, float] | N
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Evaluate: plain, sliding window, score-first TTT, per-document LoRA TTT
+# 9. Evaluate: plain, sliding window, score-first TTT, per-document LoRA TTT with the n-gram tilt
 # ---------------------------------------------------------------------------------------------
+# Why every function here is score-first: each target is scored once, from its prefix only,
+# before any update may use it; hints read only earlier tokens; compile warm-ups run on random
+# tokens; the time plan bounds LoRA TTT for any document lengths.
 
 EVAL_LIMIT_SECONDS = 600.0  # artifact load to final score, on 8xH100
 
@@ -2795,8 +2825,10 @@ def warm_up_lora_ttt(model: GPT, h: Hyperparameters, device: torch.device) -> fl
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. Main
+# 10. Main: the pipeline in order, and the command line
 # ---------------------------------------------------------------------------------------------
+# Why the order: check the data, train, calibrate, pack, then evaluate the artifact as it would
+# be scored (load, compile, score), so every run is also a rehearsal of the submission.
 
 
 def log_environment(h: Hyperparameters, rt: Runtime, log: Logger):

@@ -185,3 +185,17 @@ def test_training_step_with_and_without_speedups_agree_on_gpu():
     (loss_plain, grads_plain), (loss_fast, grads_fast) = results
     assert abs(loss_fast.item() - loss_plain.item()) < 1e-3 * loss_plain.item()
     assert relative_error(grads_fast, grads_plain) < 2e-2
+
+
+def test_auto_attention_takes_fa3_for_every_use_where_it_imports(monkeypatch):
+    """ATTENTION_BACKEND=auto follows the measured table (FA3 fastest at the training, LoRA TTT
+    and evaluation shapes) and says so in the log; without FA3 it takes cuDNN and says why."""
+    model = tg.GPT(tiny_hyperparameters())
+    monkeypatch.setattr(tg, "flash_attn_3", object())
+    summary = tg.configure_kernels(model, tiny_hyperparameters(), torch.device("cuda"))
+    assert summary.startswith("attention fa3 for training, LoRA TTT and the evaluation windows (auto: the fastest measured at each)")
+    assert all(block.attn.backend == "fa3" for block in model.blocks)
+    monkeypatch.setattr(tg, "flash_attn_3", None)
+    summary = tg.configure_kernels(model, tiny_hyperparameters(speedups=False), torch.device("cuda"))
+    assert summary.startswith("attention cudnn_repeat_kv (auto: FlashAttention-3 is not importable)")
+    assert tg.configure_kernels(model, tiny_hyperparameters(attention_backend="cudnn"), torch.device("cuda")).startswith("attention cudnn,")

@@ -109,7 +109,7 @@ class Hyperparameters:
     mlp_mult: int = _param(4, lo=1)  # MLP hidden width = MLP_MULT x MODEL_DIM
     rope_dims: int = _param(16, lo=0)  # head dims rotated by RoPE (partial RoPE); 0: none
     rope_base: float = _param(10000.0, lo=0, lo_open=True)  # RoPE base (rescaled NTK-style past TRAIN_SEQ_LEN)
-    qk_gain_init: float = _param(5.25, lo=0, lo_open=True)  # initial per-head query gain after the q/k RMSNorm
+    qk_gain_init: float = _param(5.0, lo=0, lo_open=True)  # initial per-head query gain after the q/k RMSNorm
     logit_softcap: float = _param(30.0, lo=0, lo_open=True)  # logits are c tanh(z / c)
     tied_embed_init_std: float = _param(0.005, lo=0, lo_open=True)  # init std of the tied embedding
     parallel_from_layer: int = _param(7, lo=0)  # blocks from this one on run attention and MLP in parallel
@@ -118,13 +118,13 @@ class Hyperparameters:
     num_loops: int = _param(2, lo=0)  # extra passes over layers loop_start..loop_end
     loop_start_frac: float = _param(0.35, lo=0, hi=1)  # depth recurrence switches on at this fraction of training
     smear_gate: bool = _param(True)  # mix each token's embedding with the previous one's (not across BOS)
-    attn_gate: bool = _param(False)  # per-head sigmoid gate on the attention output from 12 input dims
-    attn_gate_scale: float = _param(1.0, lo=0)  # s in the attention gate's sigmoid(s W x)
+    attn_gate: bool = _param(True)  # per-head sigmoid gate on the attention output from 12 input dims
+    attn_gate_scale: float = _param(0.5, lo=0)  # s in the attention gate's sigmoid(s W x)
     lanes_from_layer: int = _param(8, lo=0)  # blocks from this one on keep two residual lanes (attention / MLP); 0: one stream
     simctg_weight: float = _param(0.0, lo=0)  # weight of the SimCTG contrastive term in the training loss; 0: off
     simctg_margin: float = _param(0.4, lo=0, hi=1)  # SimCTG's margin: pairs are pushed below cosine 1 - margin
     # optimizer
-    muon_lr: float = _param(0.026, lo=0)  # Muon learning rate (block matrices)
+    muon_lr: float = _param(0.028, lo=0)  # Muon learning rate (block matrices)
     muon_momentum: float = _param(0.97, lo=0, hi=0.9999)  # Muon's Nesterov momentum after the warm-up
     muon_momentum_start: float = _param(0.92, lo=0, hi=0.9999)  # Muon's momentum at step 0
     muon_momentum_warmup_steps: int = _param(1500, lo=0)  # steps over which the momentum rises linearly to MUON_MOMENTUM
@@ -137,15 +137,15 @@ class Hyperparameters:
     scalar_lr: float = _param(0.02, lo=0)  # AdamW learning rate of the gates, scales and other small tensors
     scalar_wd: float = _param(0.02, lo=0)  # AdamW weight decay of the small tensors
     adam_beta1: float = _param(0.9, lo=0, hi=0.9999)  # AdamW beta1
-    adam_beta2: float = _param(0.95, lo=0, hi=0.99999)  # AdamW beta2
+    adam_beta2: float = _param(0.99, lo=0, hi=0.99999)  # AdamW beta2
     adam_eps: float = _param(1e-8, lo=0, lo_open=True)  # AdamW epsilon
     grad_clip_norm: float = _param(0.3, lo=0)  # 0 disables clipping
-    warmdown_frac: float = _param(0.72, lo=0, hi=1)  # the LR decays linearly over this last fraction of training
+    warmdown_frac: float = _param(0.85, lo=0, hi=1)  # the LR decays linearly over this last fraction of training
     min_lr_frac: float = _param(0.10, lo=0, hi=1)  # floor of the LR multiplier during warmdown
     ema_decay: float = _param(0.9965, lo=0, hi=1)  # the weight EMA's decay (its cap; see EMA_POWER)
     ema_power: float = _param(15.0, lo=0)  # early on the EMA averages iterates with weights ~ step^power
     # quantization and artifact
-    gptq_calib_seqs: int = _param(16, lo=1)  # training sequences whose activations give GPTQ's Hessians
+    gptq_calib_seqs: int = _param(32, lo=1)  # training sequences whose activations give GPTQ's Hessians
     gptq_block_size: int = _param(128, lo=1)  # GPTQ's column block
     gptq_damp: float = _param(0.01, lo=0, lo_open=True)  # GPTQ's damping, a fraction of the Hessian's mean diagonal
     quant_alloc_seqs: int = _param(64, lo=0)  # training sequences that measure each group's rounding damage; 0: the record's uniform steps
@@ -157,6 +157,7 @@ class Hyperparameters:
     passthrough_max_numel: int = _param(65536, lo=0)  # tensors up to this size are stored as fp16; larger unquantized ones are refused
     lqer_rank: int = _param(4, lo=0)  # rank of the LQER correction of the worst-quantized matrices; 0: off
     lqer_matrices: int = _param(3, lo=1)  # how many matrices (largest quantization error) get one
+    lqer_group: int = _param(32, lo=1)  # columns of the correction's B factor sharing one INT4 scale (#2135: 32)
     compressor: str = _param("brotli", choices=("brotli", "zstd", "lzma"))  # for the fp16 remainder
     compress_level: int = _param(11, lo=0, hi=22)  # brotli 0-11, zstd 1-22, lzma 0-9
     artifact_target_bytes: int = _param(15_990_000, lo=0)  # all steps scaled so weights + code come to about this; 0: no scaling
@@ -1657,21 +1658,19 @@ def round_to_nearest(W: torch.Tensor, qmax: int, clip_k: float):
     return torch.clamp(torch.round(W.float() / scale[..., None]), -qmax, qmax).to(torch.int8), scale
 
 
-LQER_GROUP = 64  # columns of B sharing one scale
-
-
 @dataclass
 class LowRankCorrection:
     """LQER's correction A B of a quantized matrix's error, asymmetric: A [rows, r] in INT2 with one
-    scale (codes -2..1), B [r, cols] in INT4 (codes -8..7) with a scale per LQER_GROUP columns."""
+    scale (codes -2..1), B [r, cols] in INT4 (codes -8..7) with a scale per `group` columns."""
 
     a_codes: torch.Tensor  # int8 [rows, r]
     a_scale: torch.Tensor  # float (fp16-exact) [1]
     b_codes: torch.Tensor  # int8 [r, cols]
-    b_scales: torch.Tensor  # float (fp16-exact) [r, ceil(cols / LQER_GROUP)]
+    b_scales: torch.Tensor  # float (fp16-exact) [r, ceil(cols / group)]
+    group: int  # columns of B sharing one scale
 
     def dequantize(self) -> torch.Tensor:
-        b = self.b_codes.float() * self.b_scales.repeat_interleave(LQER_GROUP, dim=1)[:, : self.b_codes.size(1)]
+        b = self.b_codes.float() * self.b_scales.repeat_interleave(self.group, dim=1)[:, : self.b_codes.size(1)]
         return (self.a_codes.float() * self.a_scale) @ b
 
 
@@ -1686,7 +1685,7 @@ class QuantizedTensor:
         return W if self.correction is None else W + self.correction.dequantize()
 
 
-def low_rank_correction(error: torch.Tensor, rank: int) -> LowRankCorrection:
+def low_rank_correction(error: torch.Tensor, rank: int, group: int = 32) -> LowRankCorrection:
     """The rank-r truncated SVD of a quantization error E = W - W_hat, A = U_r S_r and B = V_r^T,
     each quantized as LowRankCorrection stores it (scales max|A| / 1.5 and max|B group| / 7.5)."""
     U, S, Vh = torch.linalg.svd(error.float(), full_matrices=False)
@@ -1694,20 +1693,20 @@ def low_rank_correction(error: torch.Tensor, rank: int) -> LowRankCorrection:
     a_scale = (A.abs().max() / 1.5).clamp_min(1e-12).half().float().reshape(1)
     a_codes = torch.clamp(torch.round(A / a_scale), -2, 1)
     cols = B.size(1)
-    groups = F.pad(B, (0, -cols % LQER_GROUP)).view(rank, -1, LQER_GROUP)
+    groups = F.pad(B, (0, -cols % group)).view(rank, -1, group)
     b_scales = (groups.abs().amax(-1) / 7.5).clamp_min(1e-12).half().float()
     b_codes = torch.clamp(torch.round(groups / b_scales[..., None]), -8, 7).view(rank, -1)[:, :cols]
-    return LowRankCorrection(a_codes.to(torch.int8), a_scale, b_codes.to(torch.int8), b_scales)
+    return LowRankCorrection(a_codes.to(torch.int8), a_scale, b_codes.to(torch.int8), b_scales, group)
 
 
-def add_low_rank_corrections(qstate: dict, state: dict, rank: int, count: int) -> dict[str, tuple[float, float]]:
+def add_low_rank_corrections(qstate: dict, state: dict, rank: int, count: int, group: int = 32) -> dict[str, tuple[float, float]]:
     """LQER: the `count` quantized matrices with the largest error ||W - W_hat||_F get a rank-`rank`
     correction (in place). Returns {name: (error norm before, after)} for the log."""
     errors = {n: state[n].detach().float().cpu() - q.dequantize() for n, q in qstate.items() if isinstance(q, QuantizedTensor)}
     norms = {n: e.norm().item() for n, e in errors.items()}
     report = {}
     for n in sorted(norms, key=norms.get, reverse=True)[:count]:
-        qstate[n].correction = low_rank_correction(errors[n], min(rank, *errors[n].shape))
+        qstate[n].correction = low_rank_correction(errors[n], min(rank, *errors[n].shape), group)
         report[n] = (norms[n], (errors[n] - qstate[n].correction.dequantize()).norm().item())
     return report
 
@@ -2018,7 +2017,8 @@ def artifact_layout(h: Hyperparameters) -> list[tuple[str, torch.Size, bool]]:
 
 def pack_artifact(qstate: dict, h: Hyperparameters, looping: bool) -> bytes:
     """Layout: magic | u32 header length | JSON header (architecture, whether the trained model
-    runs with depth recurrence, the matrices with an LQER correction and its rank) | one rANS
+    runs with depth recurrence, the matrices with an LQER correction, its rank and B's scale
+    group) | one rANS
     stream of the integer codes of every quantized tensor in state_dict order, then of each
     correction's A and B, a frequency table per array | compressed remainder: all row scales,
     all passthrough tensors, then the corrections' scales, as fp16, byte-shuffled."""
@@ -2033,7 +2033,7 @@ def pack_artifact(qstate: dict, h: Hyperparameters, looping: bool) -> bytes:
     plain = b"".join(qstate[name].half().numpy().tobytes() for name, _, q in layout if not q)
     fix_scales = b"".join(torch.cat([f.a_scale, f.b_scales.flatten()]).half().numpy().tobytes() for f in fixes)
     rest = compress(byte_shuffle(scales, 2) + byte_shuffle(plain, 2) + byte_shuffle(fix_scales, 2), h.compressor, h.compress_level)
-    lqer = {"names": corrected, "rank": fixes[0].a_codes.size(1)} if fixes else None
+    lqer = {"names": corrected, "rank": fixes[0].a_codes.size(1), "group": fixes[0].group} if fixes else None
     header = json.dumps({"arch": {k: getattr(h, k) for k in ARCH_FIELDS}, "looping": looping, "lqer": lqer}, separators=(",", ":")).encode()
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + stream + rest
 
@@ -2052,7 +2052,7 @@ def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Te
     layout = artifact_layout(h)
     shapes = {name: shape for name, shape, quantized in layout if quantized}
     lqer = header.get("lqer") or {"names": [], "rank": 0}
-    r = lqer["rank"]
+    r, group = lqer["rank"], lqer.get("group", 64)  # artifacts written before the group was stored used 64
     if not set(lqer["names"]) <= set(shapes):
         raise ValueError("artifact: LQER corrections name matrices the architecture does not quantize")
     fix_shapes = [s for n in lqer["names"] for s in ((shapes[n][0], r), (r, shapes[n][1]))]  # A, B of each
@@ -2064,7 +2064,7 @@ def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Te
     sizes = {
         "scales": [s[0] for s in shapes.values()],
         "plain": [math.prod(shape) for _, shape, quantized in layout if not quantized],
-        "fix_scales": [1 + r * -(-shapes[n][1] // LQER_GROUP) for n in lqer["names"]],
+        "fix_scales": [1 + r * -(-shapes[n][1] // group) for n in lqer["names"]],
     }
     if len(rest) != 2 * sum(map(sum, sizes.values())):
         raise ValueError("artifact: payload size does not match the architecture")
@@ -2079,7 +2079,7 @@ def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Te
     for k, name in enumerate(lqer["names"]):
         a, b = (torch.from_numpy(next(codes).astype(np.int8)).view(s) for s in fix_shapes[2 * k : 2 * k + 2])
         s = torch.from_numpy(next(parts["fix_scales"]))
-        quantized[name].correction = LowRankCorrection(a, s[:1], b, s[1:].view(r, -1))
+        quantized[name].correction = LowRankCorrection(a, s[:1], b, s[1:].view(r, -1), group)
     state = {}
     for name, shape, is_quantized in layout:
         state[name] = quantized[name].dequantize() if is_quantized else torch.from_numpy(next(parts["plain"])).view(shape)
@@ -2155,7 +2155,7 @@ def build_artifact(model: GPT, hessians: dict, multipliers: dict[str, float] | N
         if rt.is_main:
             with timer(f"pack{label}"):
                 if h.lqer_rank:
-                    fixed = add_low_rank_corrections(q, model.state_dict(), h.lqer_rank, h.lqer_matrices)
+                    fixed = add_low_rank_corrections(q, model.state_dict(), h.lqer_rank, h.lqer_matrices, h.lqer_group)
                     log(f"LQER{label} rank {h.lqer_rank}: " + ", ".join(f"{n} error {a:.3f} -> {b:.3f}" for n, (a, b) in fixed.items()))
                 blob = pack_artifact(q, h, model.looping)
         size = torch.tensor([len(blob)], device=rt.device)

@@ -11,14 +11,18 @@ import train_gpt as tg
 def test_defaults_match_the_record():
     h = tg.Hyperparameters.from_env({})
     assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult, h.vocab_size) == (11, 512, 8, 4, 4, 8192)
-    assert (h.rope_dims, h.qk_gain_init, h.logit_softcap, h.parallel_from_layer) == (16, 5.25, 30.0, 7)
+    assert (h.rope_dims, h.logit_softcap, h.parallel_from_layer) == (16, 30.0, 7)
     assert (h.loop_start, h.loop_end, h.num_loops, h.loop_start_frac) == (3, 5, 2, 0.35)
-    assert (h.muon_lr, h.muon_momentum, h.muon_wd, h.embed_lr, h.scalar_lr) == (0.026, 0.97, 0.095, 0.03, 0.02)
+    assert (h.muon_momentum, h.muon_wd, h.embed_lr, h.scalar_lr) == (0.97, 0.095, 0.03, 0.02)
     assert (h.train_batch_tokens, h.train_seq_len, h.grad_clip_norm, h.ema_decay) == (786432, 2048, 0.3, 0.9965)
     assert (h.eval_seq_len, h.eval_stride, h.ttt_chunk_tokens, h.ttt_lr, h.ttt_epochs) == (2048, 64, 32768, 0.005, 3)
     assert (h.matrix_bits, h.matrix_clip_k, h.embed_bits, h.embed_clip_k) == (6, 12.85, 8, 20.0)
-    # past the record, the defaults that won their A/B (README): Polar Express, SmearGate; no attention gate
-    assert (h.muon_ns_coefficients, h.smear_gate, h.attn_gate) == ("polar_express", True, False)
+    # past the record, the defaults that won their A/B (README): Polar Express, SmearGate
+    assert (h.muon_ns_coefficients, h.smear_gate) == ("polar_express", True)
+    # the accepted rows' settings (#2135; README, parity table), kept unless a B2-horizon A/B overturns one
+    assert (h.qk_gain_init, h.muon_lr, h.attn_gate, h.attn_gate_scale, h.adam_beta2, h.warmdown_frac) == (5.0, 0.028, True, 0.5, 0.99, 0.85)
+    assert (h.gptq_calib_seqs, h.lqer_group, h.lora_ttt_lr, h.lora_ttt_wd, h.lora_ttt_targets, h.lora_ttt_phases) == (32, 32, 8e-5, 2.0, "q,v,o,mlp,head", 1)
+    assert (h.ngram_tilt, h.ngram_tilt_order, h.ngram_tilt_min_share, h.ngram_tilt_beta) == ("stream", 15, 0.8, 2.625)
     h.validate(world_size=8)
     assert h.accum_steps(8) == 1 and h.accum_steps(1) == 8 and h.accum_steps(2) == 4
 

@@ -187,7 +187,17 @@ def test_training_step_with_and_without_speedups_agree_on_gpu():
     assert relative_error(grads_fast, grads_plain) < 2e-2
 
 
-def test_auto_attention_takes_fa3_for_every_use_where_it_imports(monkeypatch):
+@pytest.fixture
+def sdpa_flags():
+    """configure_kernels sets SDPA's global backend flags, which the CPU's SDPA reads too: restored."""
+    cuda = torch.backends.cuda
+    saved = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
+    yield
+    for enable, on in zip((cuda.enable_cudnn_sdp, cuda.enable_flash_sdp, cuda.enable_mem_efficient_sdp), saved):
+        enable(on)
+
+
+def test_auto_attention_takes_fa3_for_every_use_where_it_imports(monkeypatch, sdpa_flags):
     """ATTENTION_BACKEND=auto follows the measured table (FA3 fastest at the training, LoRA TTT
     and evaluation shapes) and says so in the log; without FA3 it takes cuDNN and says why."""
     model = tg.GPT(tiny_hyperparameters())

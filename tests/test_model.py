@@ -152,7 +152,7 @@ def test_init_and_layer_roles():
     assert abs(model.tok_emb.weight.std().item() - h.tied_embed_init_std) < 0.001
     assert [b.parallel for b in model.blocks] == [False, False, False, True]
     assert [round(b.norm_scale.item(), 4) for b in model.blocks] == [round(1 / math.sqrt(i + 1), 4) for i in range(4)]
-    assert torch.allclose(model.blocks[0].attn.q_gain, torch.full((4,), 5.25))
+    assert torch.allclose(model.blocks[0].attn.q_gain, torch.full((4,), h_small.qk_gain_init)) and h_small.qk_gain_init == 5.0
 
 
 def test_loss_uses_softcapped_tied_logits():
@@ -213,7 +213,7 @@ def test_smear_gate_is_the_identity_at_init_and_never_crosses_bos():
 def test_attention_gate_halves_each_head_at_init_and_follows_its_formula():
     h = tiny_hyperparameters(attn_gate=True, attn_gate_scale=0.5)
     gated = tg.Attention(h).double()
-    plain = tg.Attention(tiny_hyperparameters()).double()
+    plain = tg.Attention(tiny_hyperparameters(attn_gate=False)).double()
     plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate"})
     captured = {}
     for name, m in (("gated", gated), ("plain", plain)):

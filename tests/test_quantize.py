@@ -471,8 +471,10 @@ def test_lqer_correction_is_quantized_as_specified_and_removes_a_low_rank_error(
     torch.manual_seed(0)
     structured = torch.randn(96, 4) @ torch.randn(4, 200)  # a rank-4 error plus rounding noise
     error = structured + 0.05 * torch.randn(96, 200)
-    fix = tg.low_rank_correction(error, 4)
+    fix = tg.low_rank_correction(error, 4, group=64)
     assert fix.a_codes.shape == (96, 4) and fix.b_codes.shape == (4, 200) and fix.b_scales.shape == (4, 4)  # 200 columns: 4 groups of <= 64
+    finer = tg.low_rank_correction(error, 4, group=32)
+    assert finer.b_scales.shape == (4, 7) and (error - finer.dequantize()).norm() <= (error - fix.dequantize()).norm()  # 7 groups of <= 32
     for seed in range(6):  # A's largest |entry| is 1.5 steps: -2 if negative, clamped to 1 if positive
         torch.manual_seed(seed)
         other = tg.low_rank_correction(torch.randn(40, 64), 4)
@@ -490,8 +492,8 @@ def test_lqer_corrects_the_worst_matrices_and_survives_the_artifact(cpu_runtime)
     q = tg.quantize_model(model, hessians, h, cpu_runtime)
     plain_blob = tg.pack_artifact(q, h, looping=False)
     errors = {n: (model.state_dict()[n] - t.dequantize()).norm().item() for n, t in q.items() if isinstance(t, tg.QuantizedTensor)}
-    report = tg.add_low_rank_corrections(q, model.state_dict(), 2, 2)
-    assert list(report) == sorted(errors, key=errors.get, reverse=True)[:2]
+    report = tg.add_low_rank_corrections(q, model.state_dict(), 2, 2, group=24)
+    assert list(report) == sorted(errors, key=errors.get, reverse=True)[:2] and all(q[n].correction.group == 24 for n in report)
     assert all(after < before for before, after in report.values())
     blob = tg.pack_artifact(q, h, looping=False)
     assert len(blob) > len(plain_blob)  # the corrections are stored, and counted

@@ -174,7 +174,7 @@ def test_training_progress_follows_steps_or_clock_whichever_is_further():
 def test_fixed_step_run_switches_recurrence_and_warms_down_by_steps(tmp_path, tiny_data):
     """ITERATIONS=20 with a budget far away: recurrence from step 7 (35%), LR multiplier
     (1 - step/20)/0.72 in warmdown down to the 0.10 floor, as the steps say, whatever the clock."""
-    h, rt, model, opt, make_loader = _tiny_training(tmp_path, tiny_data, iterations=20, max_wallclock_seconds=1e6, grad_accum_steps=1, log_every=1, muon_wd_final=0.5)
+    h, rt, model, opt, make_loader = _tiny_training(tmp_path, tiny_data, iterations=20, max_wallclock_seconds=1e6, grad_accum_steps=1, log_every=1, muon_wd_final=0.5, warmdown_frac=0.72)
     lines, multipliers, wd = [], [], []
     step = opt.step
     opt.step = lambda lr_mult, momentum, clip, wd_mult: (multipliers.append(lr_mult), wd.append(wd_mult), step(lr_mult, momentum, clip, wd_mult))[2]

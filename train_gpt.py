@@ -2463,21 +2463,21 @@ class DocumentAdapters(nn.Module):
         layers = len(model.layer_order())
         generator = torch.Generator().manual_seed(0)
         device = model.tok_emb.weight.device
-        self.initial_A = {}
 
-        def a_init(name):  # one A for every row
-            self.initial_A[name] = ((2 * torch.rand(h.model_dim, rank, generator=generator) - 1) / math.sqrt(h.model_dim)).to(device)
-            return nn.Parameter(self.initial_A[name].expand(rows, -1, -1).clone())
+        def draw():  # one A for every row
+            return (2 * torch.rand(h.model_dim, rank, generator=generator) - 1) / math.sqrt(h.model_dim)
 
-        # one tensor per virtual layer and target (contiguous inputs for the compiled blocks); the
-        # random draws run over every target, so an adapter's A does not depend on which are on
-        A = {f"{t}_{i}": a_init(f"{t}_{i}") for i in range(layers) for t in ("q", "k", "v", "o", "mlp")}
-        self.A = nn.ParameterDict({name: a for name, a in A.items() if name.rsplit("_", 1)[0] in self.outputs})
-        self.initial_A = {name: a for name, a in self.initial_A.items() if name in self.A}
+        # one tensor per virtual layer and target (contiguous inputs for the compiled blocks); A is
+        # drawn for every target, so that an adapter's A does not depend on which ones are on
+        drawn = {f"{t}_{i}": draw() for i in range(layers) for t in ("q", "k", "v", "o", "mlp")}
+        self.initial_A = {name: a.to(device) for name, a in drawn.items() if name.rsplit("_", 1)[0] in self.outputs}
+        if "head" in targets:
+            self.initial_A["head"] = draw().to(device)
+        self.A = nn.ParameterDict({name: nn.Parameter(a.expand(rows, -1, -1).clone()) for name, a in self.initial_A.items() if name != "head"})
         self.B = nn.ParameterDict({f"{t}_{i}": nn.Parameter(torch.zeros(rows, rank, out, device=device)) for i in range(layers) for t, out in self.outputs.items()})
         self.head_A = self.head_B = None
         if "head" in targets:
-            self.head_A = a_init("head")
+            self.head_A = nn.Parameter(self.initial_A["head"].expand(rows, -1, -1).clone())
             self.head_B = nn.Parameter(torch.zeros(rows, rank, h.vocab_size, device=device))
         self.scale = alpha / rank
 
@@ -2491,11 +2491,11 @@ class DocumentAdapters(nn.Module):
     def restart(self, rows: torch.Tensor):
         """The rows (a boolean mask) back to B = 0 (and to the initial A unless keep_a), for new
         documents."""
-        heads = [] if self.head_A is None else [("head", self.head_A)]
-        for name, A in [*self.A.items(), *heads]:
-            if not self.keep_a:
+        has_head = self.head_A is not None
+        if not self.keep_a:
+            for name, A in [*self.A.items(), *([("head", self.head_A)] if has_head else [])]:
                 A[rows] = self.initial_A[name]
-        for B in [*self.B.values(), *([] if self.head_B is None else [self.head_B])]:
+        for B in [*self.B.values(), *([self.head_B] if has_head else [])]:
             B[rows] = 0
 
 
@@ -2745,12 +2745,13 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     chunk's measured time), from at most EVAL_SEQ_LEN tokens of its own prefix (never another
     document's); the forward that scores a chunk also gives the loss of one AdamW step on that
     document's adapters, taken after the chunk's scores are counted (none after its last chunk).
-    With NGRAM_TILT=stream the hints come from the whole stream first. With LORA_TTT_PHASES, at each phase boundary every rank stops claiming,
-    finishes its documents, and all ranks train all weights on every document of the batches
-    before the boundary (all scored by then) before LoRA TTT goes on; the weights are restored
-    at the end, so the model leaves as it came. `trace`, if a list, records ("score"|"train",
-    document, first_target, end_target) and ("phase", documents) events for tests; `log`, if given, hears about every
-    tenth batch and every phase (what rank 0 sees reaches the log)."""
+    With NGRAM_TILT=stream the hints come from the whole stream first. With LORA_TTT_PHASES, at
+    each phase boundary every rank stops claiming, finishes its documents, and all ranks train
+    all weights on every document of the batches before the boundary (all scored by then)
+    before LoRA TTT goes on; the weights are restored at the end, so the model leaves as it came. `trace`, if a list, records ("score"|"train",
+    document, first_target, end_target) and ("phase", documents) events for tests; `log`, if
+    given, hears about the plan, every tenth batch and every phase (what rank 0 sees reaches the
+    log)."""
     t0 = time.perf_counter()
     docs = sorted(document_spans(tokens), key=lambda d: d[0] - d[1])  # longest first
     batches = [docs[b : b + h.lora_ttt_batch_docs] for b in range(0, len(docs), h.lora_ttt_batch_docs)]

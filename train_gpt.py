@@ -163,7 +163,7 @@ class Hyperparameters:
     artifact_target_bytes: int = _param(15_990_000, lo=0)  # all steps scaled so weights + code come to about this; 0: no scaling
     pack_code: bool = _param(True)  # count (and write) a self-extracting lzma copy of this file as the code; 0: the readable file
     # evaluation
-    eval_seq_len: int = _param(2048, lo=2)  # evaluation window (and LoRA TTT's context)
+    eval_seq_len: int = _param(2048, lo=2)  # evaluation window (and LoRA TTT's unless LORA_TTT_SEQ_LEN)
     eval_stride: int = _param(64, lo=1)  # sliding-window stride: each window scores its last EVAL_STRIDE targets
     sliding_eval: bool = _param(True)  # the sliding-window score: final without LoRA TTT, else a diagnostic (~75 s per rank at full scale)
     eval_batch_seqs: int = _param(32, lo=1)  # windows per batch in the plain and sliding evaluations
@@ -182,6 +182,7 @@ class Hyperparameters:
     lora_ttt_wd: float = _param(2.0, lo=0)  # LoRA TTT's AdamW weight decay
     lora_ttt_targets: str = _param("q,v,o,mlp,head")  # the adapted projections, a comma list of q, k, v, o (attention output), mlp and head
     lora_ttt_keep_a: bool = _param(True)  # a row's A carries over to its next document (only B and the optimizer restart); 0: every document starts from the same A
+    lora_ttt_seq_len: int = _param(0, lo=0)  # LoRA TTT's window, up to 3072 (the accepted rows: 2560; RoPE extrapolates past TRAIN_SEQ_LEN); 0: EVAL_SEQ_LEN
     lora_ttt_chunk_tokens: int = _param(48, lo=1)  # a document is scored this many targets at a time, one AdamW step after each
     lora_ttt_long_chunk_tokens: int = _param(512, lo=1)  # past the time plan's first N targets of a document, chunks of this many
     lora_ttt_budget_seconds: float = _param(420.0, lo=0, lo_open=True)  # the time plan: LoRA TTT's projected time per rank must fit this
@@ -247,13 +248,18 @@ class Hyperparameters:
         chunk_seqs = self.ttt_chunk_tokens // self.eval_seq_len
         need(chunk_seqs % self.ttt_batch_seqs == 0, f"TTT_BATCH_SEQS={self.ttt_batch_seqs}: must divide the {chunk_seqs} sequences of a TTT chunk")
         need(self.ttt_batch_seqs % world_size == 0, f"TTT_BATCH_SEQS={self.ttt_batch_seqs}: must be a multiple of world size {world_size}")
-        need(not self.lora_ttt or self.lora_ttt_chunk_tokens <= self.eval_seq_len, f"LORA_TTT_CHUNK_TOKENS={self.lora_ttt_chunk_tokens}: must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
-        need(not self.lora_ttt or self.lora_ttt_long_chunk_tokens <= self.eval_seq_len // 2, f"LORA_TTT_LONG_CHUNK_TOKENS={self.lora_ttt_long_chunk_tokens}: must be <= EVAL_SEQ_LEN/2={self.eval_seq_len // 2} (a chunk's first target keeps half a window of context)")
+        window = self.lora_ttt_window()
+        need(self.lora_ttt_seq_len <= 3072, f"LORA_TTT_SEQ_LEN={self.lora_ttt_seq_len}: must be <= 3072")
+        need(not self.lora_ttt or self.lora_ttt_chunk_tokens <= window, f"LORA_TTT_CHUNK_TOKENS={self.lora_ttt_chunk_tokens}: must be <= LoRA TTT's window {window} (LORA_TTT_SEQ_LEN, or EVAL_SEQ_LEN)")
+        need(not self.lora_ttt or self.lora_ttt_long_chunk_tokens <= window // 2, f"LORA_TTT_LONG_CHUNK_TOKENS={self.lora_ttt_long_chunk_tokens}: must be <= half LoRA TTT's window, {window // 2} (a chunk's first target keeps half a window of context)")
         targets = self.lora_ttt_targets.split(",")
         need(len(set(targets)) == len(targets) and set(targets) <= set(LORA_TTT_TARGETS), f"LORA_TTT_TARGETS={self.lora_ttt_targets!r}: a comma list of distinct {', '.join(LORA_TTT_TARGETS)}")
         need(self.ngram_tilt_beta == 0 or self.ngram_tilt != "document" or self.ngram_tilt_order * (self.vocab_size - 1).bit_length() <= 63, f"NGRAM_TILT_ORDER={self.ngram_tilt_order}: {self.ngram_tilt_order} token ids of VOCAB_SIZE={self.vocab_size} do not fit the 63-bit n-gram codes of NGRAM_TILT=document")
         if self.attention_backend == "fa3":
             need(flash_attn_3 is not None, "ATTENTION_BACKEND=fa3: flash_attn_interface is not importable")
+
+    def lora_ttt_window(self) -> int:
+        return self.lora_ttt_seq_len or self.eval_seq_len
 
     def accum_steps(self, world_size: int) -> int:
         return self.grad_accum_steps or max(1, 8 // world_size)
@@ -673,19 +679,22 @@ def rotary_tables(rope_dims: int, base: float, seq_len: int, train_seq_len: int)
 
 
 class PartialRotary(nn.Module):
-    """RoPE on the first rope_dims of each head. The tables for the training length are a
-    buffer: computed inside the compiled graph they would be recomputed per element."""
+    """RoPE on the first rope_dims of each head. The tables up to max_len (the training length,
+    or a longer LoRA TTT window, where the angles simply extrapolate as the accepted rows' do)
+    are a buffer: computed inside the compiled graph they would be recomputed per element.
+    Longer windows get NTK-rescaled tables."""
 
-    def __init__(self, rope_dims: int, base: float, train_seq_len: int):
+    def __init__(self, rope_dims: int, base: float, train_seq_len: int, max_len: int = 0):
         super().__init__()
         self.rope_dims, self.base, self.train_seq_len = rope_dims, base, train_seq_len
-        self.register_buffer("tables", rotary_tables(rope_dims, base, train_seq_len, train_seq_len), persistent=False)
+        max_len = max(max_len, train_seq_len)
+        self.register_buffer("tables", rotary_tables(rope_dims, base, max_len, max_len), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, H, D]
         if self.rope_dims == 0:
             return x
         T, half = x.size(1), self.rope_dims // 2
-        tables = self.tables[:, :T] if T <= self.train_seq_len else rotary_tables(self.rope_dims, self.base, T, self.train_seq_len).to(x.device)
+        tables = self.tables[:, :T] if T <= self.tables.size(1) else rotary_tables(self.rope_dims, self.base, T, self.train_seq_len).to(x.device)
         cos, sin = tables[0][None, :, None, :].to(x.dtype), tables[1][None, :, None, :].to(x.dtype)
         x1, x2, rest = x[..., :half], x[..., half : self.rope_dims], x[..., self.rope_dims :]
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
@@ -781,7 +790,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(h.model_dim, (h.num_heads + 2 * h.num_kv_heads) * self.head_dim, bias=False)
         self.proj = nn.Linear(h.model_dim, h.model_dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        self.rotary = PartialRotary(h.rope_dims, h.rope_base, h.train_seq_len)
+        self.rotary = PartialRotary(h.rope_dims, h.rope_base, h.train_seq_len, h.lora_ttt_seq_len)
         self.backend = "math"  # set by configure_kernels
         # sparse output gate: head h's output times sigmoid(s W_h x[:GATE_INPUTS]); W = 0 gives 1/2
         self.gate = nn.Parameter(torch.zeros(h.num_heads, GATE_INPUTS)) if h.attn_gate else None
@@ -2637,11 +2646,11 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, host_tokens: np.ndarra
     document's last, nor past the plan's max_steps). A row
     whose document is done takes the next one (from claim(), a list of documents or None when
     there are no more) and restarts its adapters and optimizer state. Every chunk runs one
-    shape, rows x EVAL_SEQ_LEN, so a single compiled graph serves the whole evaluation. With
+    shape, rows x LoRA TTT's window, so a single compiled graph serves the whole evaluation. With
     NGRAM_TILT_BETA the scores are tilted towards each target's n-gram hint (stream_hints, per
     target, or with NGRAM_TILT=document found in each claimed document); the steps learn from
     the untilted loss. Returns the number of steps."""
-    device, seq_len, rows = tokens.device, h.eval_seq_len, h.lora_ttt_batch_docs
+    device, seq_len, rows = tokens.device, h.lora_ttt_window(), h.lora_ttt_batch_docs
     adapters = DocumentAdapters(model, rows, h.lora_ttt_rank, h.lora_ttt_alpha, tuple(h.lora_ttt_targets.split(",")), h.lora_ttt_keep_a)
     optimizer = RowAdamW(adapters.parameters(), rows, h.lora_ttt_lr, h.lora_ttt_beta2, 1e-10, h.lora_ttt_wd)
     hints = torch.full((len(tokens),), -1, dtype=torch.int64, device=device)  # per target (the last entry stays -1: none)
@@ -2742,7 +2751,7 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     LORA_TTT_BATCH_DOCS to whichever rank claims the batch next. Each document is scored a chunk
     at a time (LORA_TTT_CHUNK_TOKENS targets; past the time plan's first N targets of a document,
     LORA_TTT_LONG_CHUNK_TOKENS; the plan comes from the documents' lengths and step_seconds, one
-    chunk's measured time), from at most EVAL_SEQ_LEN tokens of its own prefix (never another
+    chunk's measured time), from at most LoRA TTT's window of its own prefix (never another
     document's); the forward that scores a chunk also gives the loss of one AdamW step on that
     document's adapters, taken after the chunk's scores are counted (none after its last chunk).
     With NGRAM_TILT=stream the hints come from the whole stream first. With LORA_TTT_PHASES, at

@@ -77,6 +77,37 @@ def test_without_learning_each_target_is_scored_from_its_own_document_prefix(tin
     torch.testing.assert_close(r.token_nll, expected, rtol=1e-9, atol=1e-9)
 
 
+def test_a_wider_lora_window_scores_from_that_much_prefix_with_extrapolated_rope(tiny_data, cpu_runtime):
+    """LORA_TTT_SEQ_LEN past the training length (the accepted rows' 2560 for 2048): with learning
+    off, every score is the model's prediction from the last 48 tokens of its document up to the
+    end of its grid slot, and RoPE's angles there simply continue past TRAIN_SEQ_LEN (no NTK
+    rescale), while the sliding and plain windows keep EVAL_SEQ_LEN."""
+    tokens, tables, docs = _documents(tiny_data)
+    wide = 48
+    h = _h(lora_ttt_lr=0.0, lora_ttt_seq_len=wide)
+    h.validate(1)
+    torch.manual_seed(0)
+    model = tg.GPT(h).double()
+    for p in model.parameters():
+        p.data.normal_(0, 0.15)
+    model.looping = True
+    rotary = model.blocks[0].attn.rotary
+    assert rotary.tables.size(1) == wide and torch.equal(rotary.tables.float(), tg.rotary_tables(h.rope_dims, h.rope_base, wide, wide))
+    assert not torch.allclose(rotary.tables.float(), tg.rotary_tables(h.rope_dims, h.rope_base, wide, h.train_seq_len))  # not the NTK-rescaled ones
+    r = tg.evaluate_lora_ttt(model, tokens, tg.validation_target_bytes(tokens, tables), h, cpu_runtime, return_token_nll=True)
+    assert max(e - f for f, e in docs) > wide
+    expected = torch.empty(len(tokens) - 1, dtype=torch.float64)
+    with torch.no_grad():
+        for first, end in docs:
+            for k in range(first, end):
+                slot_end = first + ((k - first) // CHUNK + 1) * CHUNK
+                window = tokens[max(first, slot_end - wide) : k + 1][None]
+                expected[k] = model.token_nll(model.hidden_states(window)[:, -1:], tokens[k + 1 : k + 2][None]).double().item()
+    torch.testing.assert_close(r.token_nll, expected, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="LORA_TTT_SEQ_LEN=4096: must be <= 3072"):
+        _h(lora_ttt_seq_len=4096).validate(1)
+
+
 def test_with_doc_mask_lora_rows_take_the_plain_causal_kernel(learned, cpu_runtime, monkeypatch):
     """A LoRA TTT window holds one document (its BOS at most at the start), so DOC_MASK has
     nothing to mask there: no mask is built and every score is the unmasked model's."""

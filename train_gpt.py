@@ -120,6 +120,7 @@ class Hyperparameters:
     smear_gate: bool = _param(True)  # mix each token's embedding with the previous one's (not across BOS)
     attn_gate: bool = _param(True)  # per-head sigmoid gate on the attention output from 12 input dims
     attn_gate_scale: float = _param(0.5, lo=0)  # s in the attention gate's sigmoid(s W x)
+    xsa_gate: bool = _param(False)  # XSA's strength per head learned, tanh(alpha) with alpha 0 at init (so it starts as plain attention); no accepted row uses it
     lanes_from_layer: int = _param(8, lo=0)  # blocks from this one on keep two residual lanes (attention / MLP); 0: one stream
     simctg_weight: float = _param(0.0, lo=0)  # weight of the SimCTG contrastive term in the training loss; 0: off
     simctg_margin: float = _param(0.4, lo=0, hi=1)  # SimCTG's margin: pairs are pushed below cosine 1 - margin
@@ -761,14 +762,17 @@ def causal_attention(q, k, v, backend: str, mask: "BlockMask | DocumentSegments 
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
 
 
-def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor, strength: torch.Tensor | None = None) -> torch.Tensor:
     """XSA: remove from each head's output its component along its own position's value vector,
-    y <- y - (y.v_hat) v_hat, where query head h reads KV group h // (H / Hkv)."""
+    y <- y - (y.v_hat) v_hat, where query head h reads KV group h // (H / Hkv). With a strength
+    [H] (gated XSA), head h removes that fraction of it."""
     B, T, H, D = y.shape
     y = y.view(B, T, v.size(2), H // v.size(2), D)
     v_hat = F.normalize(v, dim=-1).unsqueeze(3)
-    y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
-    return y.view(B, T, H, D)
+    along = (y * v_hat).sum(-1, keepdim=True) * v_hat
+    if strength is not None:
+        along = along * strength.view(v.size(2), H // v.size(2), 1)
+    return (y - along).view(B, T, H, D)
 
 
 GATE_INPUTS = 12  # the attention output gate and the SmearGate read the first 12 channels of their input
@@ -795,6 +799,7 @@ class Attention(nn.Module):
         # sparse output gate: head h's output times sigmoid(s W_h x[:GATE_INPUTS]); W = 0 gives 1/2
         self.gate = nn.Parameter(torch.zeros(h.num_heads, GATE_INPUTS)) if h.attn_gate else None
         self.gate_scale = h.attn_gate_scale
+        self.xsa_alpha = nn.Parameter(torch.zeros(h.num_heads)) if h.xsa_gate else None  # gated XSA: strength tanh(alpha) per head
 
     def qkv_row_blocks(self) -> list[slice]:
         """Row ranges of q, k and v inside the fused qkv weight."""
@@ -814,7 +819,7 @@ class Attention(nn.Module):
         q, k = rms_norm(q).type_as(v), rms_norm(k).type_as(v)
         q, k = self.rotary(q), self.rotary(k)
         q = q * self.q_gain.to(q.dtype)[:, None]
-        y = exclusive_self_attention(causal_attention(q, k, v, self.backend, mask), v)
+        y = exclusive_self_attention(causal_attention(q, k, v, self.backend, mask), v, None if self.xsa_alpha is None else torch.tanh(self.xsa_alpha).to(v.dtype))
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate_scale * F.linear(x[..., :GATE_INPUTS], self.gate.to(x.dtype)))[..., None]
         out = self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
@@ -1860,7 +1865,7 @@ def allocate_quantization_steps(model: GPT, hessians: dict, loader: TrainLoader,
 
 ARTIFACT_MAGIC = b"PGOLF1"
 ARTIFACT_LIMIT_BYTES = 16_000_000
-ARCH_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "loop_start", "loop_end", "num_loops", "smear_gate", "attn_gate", "lanes_from_layer")
+ARCH_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "loop_start", "loop_end", "num_loops", "smear_gate", "attn_gate", "xsa_gate", "lanes_from_layer")
 
 
 def byte_shuffle(data: bytes, stride: int) -> bytes:

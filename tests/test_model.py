@@ -55,6 +55,33 @@ def test_xsa_output_is_orthogonal_to_own_value_vector():
     assert torch.allclose(removed, (y * v_hat).sum(-1, keepdim=True) * v_hat)
 
 
+def test_gated_xsa_removes_each_heads_fraction_and_starts_off():
+    """XSA_GATE: head h removes tanh(alpha_h) of its component along its own value vector; alpha
+    starts at 0, so the block starts as plain attention; it is a small tensor, trained by AdamW
+    and stored in the artifact."""
+    B, T, H, Hkv, D = 2, 5, 8, 4, 16
+    y, v = torch.randn(B, T, H, D, dtype=torch.float64), torch.randn(B, T, Hkv, D, dtype=torch.float64)
+    strength = torch.linspace(-0.5, 1.0, H, dtype=torch.float64)
+    v_per_head = v.repeat_interleave(H // Hkv, dim=2)
+    v_hat = v_per_head / v_per_head.norm(dim=-1, keepdim=True)
+    expected = y - strength[:, None] * (y * v_hat).sum(-1, keepdim=True) * v_hat
+    torch.testing.assert_close(tg.exclusive_self_attention(y, v, strength), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tg.exclusive_self_attention(y, v, torch.ones(H, dtype=torch.float64)), tg.exclusive_self_attention(y, v), rtol=1e-12, atol=1e-12)
+    assert torch.equal(tg.exclusive_self_attention(y, v, torch.zeros(H, dtype=torch.float64)), y)  # alpha = 0: no XSA at all
+    h = tiny_hyperparameters(xsa_gate=True)
+    gated, plain = tg.Attention(h).double(), tg.Attention(tiny_hyperparameters(xsa_gate=False)).double()
+    plain.load_state_dict({k: t for k, t in gated.state_dict().items() if k != "xsa_alpha"})
+    outputs = {}
+    for name, m in (("gated", gated), ("plain", plain)):
+        m.proj.register_forward_pre_hook(lambda mod, args, name=name: outputs.__setitem__(name, args[0]))
+    x = torch.randn(2, 12, h.model_dim, dtype=torch.float64)
+    gated(x), plain(x)
+    assert not torch.allclose(outputs["gated"], outputs["plain"])  # plain has XSA; the gated one starts without it
+    model = tg.GPT(h)
+    _, _, scalars = tg.split_parameters(model)
+    assert any(p is model.blocks[0].attn.xsa_alpha for p in scalars) and "xsa_gate" in tg.ARCH_FIELDS
+
+
 def test_xsa_inside_attention_module():
     h = tiny_hyperparameters()
     attn = tg.Attention(h).double()

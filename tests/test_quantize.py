@@ -319,7 +319,7 @@ def test_rans_detects_corruption():
         tg.rans_decode(bytes(data))
 
 
-@pytest.mark.parametrize("gates", [dict(smear_gate=False, lanes_from_layer=0), dict(smear_gate=True, attn_gate=True, lanes_from_layer=3)])
+@pytest.mark.parametrize("gates", [dict(smear_gate=False, attn_gate=False, lanes_from_layer=0), dict(smear_gate=True, attn_gate=True, xsa_gate=True, lanes_from_layer=3)])
 def test_artifact_round_trip_is_exact(cpu_runtime, gates):
     h = tiny_hyperparameters(compress_level=5, **gates)
     model, hessians = _tiny_model_and_hessians(h)

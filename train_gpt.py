@@ -98,7 +98,9 @@ class Hyperparameters:
     iterations: int = _param(20000, lo=1)  # stop after this many steps; with a large MAX_WALLCLOCK_SECONDS the schedule follows the steps
     warmup_steps: int = _param(20, lo=0)  # compile warm-up before the clock; state restored after
     train_batch_tokens: int = _param(786432, lo=1)  # tokens per optimizer step, over all ranks
-    train_seq_len: int = _param(2048, lo=2)  # training sequence length
+    train_seq_len: int = _param(2048, lo=2)  # training sequence length (and of calibration)
+    train_seq_schedule: str = _param("")  # progressive context, LEN@FRAC,...: each length from that fraction of training on (#2014: 1024@0,2048@0.1,3072@0.7), tokens per step unchanged; "": TRAIN_SEQ_LEN throughout
+    seq_rewarm_steps: int = _param(32, lo=0)  # after a switch of the training length every LR ramps up again over this many steps
     grad_accum_steps: int = _param(0, lo=0)  # 0: 8 // world size
     log_every: int = _param(50, lo=1)  # log the training loss and throughput every this many steps
     # model
@@ -244,6 +246,9 @@ class Hyperparameters:
         accum = self.accum_steps(world_size)
         per_micro = world_size * accum * self.train_seq_len
         need(self.train_batch_tokens % per_micro == 0, f"TRAIN_BATCH_TOKENS={self.train_batch_tokens}: must be a multiple of world size {world_size} x GRAD_ACCUM_STEPS {accum} x TRAIN_SEQ_LEN {self.train_seq_len} = {per_micro}")
+        for _, length in self.seq_schedule():
+            per_micro = world_size * accum * length
+            need(self.train_batch_tokens % per_micro == 0, f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r}: TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world size {world_size} x GRAD_ACCUM_STEPS {accum} x {length} = {per_micro}")
         need(self.eval_seq_len % self.eval_stride == 0, f"EVAL_STRIDE={self.eval_stride}: must divide EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.ttt_chunk_tokens % self.eval_seq_len == 0, f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: must be a multiple of EVAL_SEQ_LEN={self.eval_seq_len}")
         chunk_seqs = self.ttt_chunk_tokens // self.eval_seq_len
@@ -258,6 +263,27 @@ class Hyperparameters:
         need(self.ngram_tilt_beta == 0 or self.ngram_tilt != "document" or self.ngram_tilt_order * (self.vocab_size - 1).bit_length() <= 63, f"NGRAM_TILT_ORDER={self.ngram_tilt_order}: {self.ngram_tilt_order} token ids of VOCAB_SIZE={self.vocab_size} do not fit the 63-bit n-gram codes of NGRAM_TILT=document")
         if self.attention_backend == "fa3":
             need(flash_attn_3 is not None, "ATTENTION_BACKEND=fa3: flash_attn_interface is not importable")
+
+    def seq_schedule(self) -> list[tuple[float, int]]:
+        """TRAIN_SEQ_SCHEDULE as (from this fraction of training, length) pairs, in order; the
+        first from 0. Without one: [(0, TRAIN_SEQ_LEN)]."""
+        if not self.train_seq_schedule:
+            return [(0.0, self.train_seq_len)]
+        pairs = []
+        for item in self.train_seq_schedule.split(","):
+            length, at, frac = item.strip().partition("@")
+            try:
+                pairs.append((float(frac), int(length)))
+            except ValueError:
+                raise ValueError(f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r}: expected LEN@FRAC items, e.g. 1024@0,2048@0.1,3072@0.7") from None
+        fracs = [f for f, _ in pairs]
+        if fracs[0] != 0 or fracs != sorted(set(fracs)) or fracs[-1] >= 1 or min(n for _, n in pairs) < 2:
+            raise ValueError(f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r}: the fractions must start at 0 and rise below 1, the lengths be >= 2")
+        return pairs
+
+    def longest_sequence(self) -> int:
+        """The longest window any forward of the run sees (RoPE's tables cover it)."""
+        return max(self.train_seq_len, self.lora_ttt_seq_len, *(n for _, n in self.seq_schedule()))
 
     def lora_ttt_window(self) -> int:
         return self.lora_ttt_seq_len or self.eval_seq_len
@@ -554,6 +580,13 @@ class TrainLoader:
         if self.prefetched is None:
             self.prefetched = self._load()
 
+    def set_seq_len(self, seq_len: int, batch_seqs: int):
+        """From the next batch on, sequences of seq_len + 1 tokens, batch_seqs of them: the spans are
+        cut afresh at the new length (a new epoch), as progressive context switches."""
+        if (seq_len, batch_seqs) != (self.seq_len, self.batch_seqs):
+            self.seq_len, self.batch_seqs = seq_len, batch_seqs
+            self.order, self.cursor, self.prefetched = np.empty((0, 2), np.int64), 0, None
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         seqs = self.prefetched if self.prefetched is not None else self._load()
         self.prefetched = None
@@ -794,7 +827,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(h.model_dim, (h.num_heads + 2 * h.num_kv_heads) * self.head_dim, bias=False)
         self.proj = nn.Linear(h.model_dim, h.model_dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        self.rotary = PartialRotary(h.rope_dims, h.rope_base, h.train_seq_len, h.lora_ttt_seq_len)
+        self.rotary = PartialRotary(h.rope_dims, h.rope_base, h.train_seq_len, h.longest_sequence())
         self.backend = "math"  # set by configure_kernels
         # sparse output gate: head h's output times sigmoid(s W_h x[:GATE_INPUTS]); W = 0 gives 1/2
         self.gate = nn.Parameter(torch.zeros(h.num_heads, GATE_INPUTS)) if h.attn_gate else None
@@ -1417,6 +1450,16 @@ def lr_multiplier(frac: float, warmdown_frac: float, min_lr_frac: float) -> floa
     return max(min_lr_frac, max(0.0, 1 - frac) / warmdown_frac)
 
 
+def sequence_length_at(frac: float, schedule: list[tuple[float, int]]) -> int:
+    """Progressive context: the length of the last schedule entry whose fraction has been reached."""
+    return [length for start, length in schedule if frac >= start][-1]
+
+
+def rewarm_multiplier(steps_since_switch: int, rewarm_steps: int) -> float:
+    """After a switch of the training length: the LR ramps back up linearly over rewarm_steps."""
+    return 1.0 if rewarm_steps == 0 else min(1.0, (steps_since_switch + 1) / rewarm_steps)
+
+
 WD_TAPER_START = 0.7  # of training
 
 
@@ -1474,18 +1517,23 @@ def train_step(model, optimizers, loader, h, rt, accum, lr_mult, momentum, wd_mu
 
 
 def warm_up(model, optimizers, h, rt, make_loader, log):
-    """Runs warm-up steps (half of them with depth recurrence) so that both compiled graphs
-    exist before the clock starts, then restores the initial model and optimizer state."""
+    """Runs warm-up steps for every training length of the schedule, half of each length's with
+    depth recurrence, so that every compiled graph exists before the clock starts, then restores
+    the initial model and optimizer state."""
     if h.warmup_steps == 0:
         return
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     saved_opt = optimizers.state_dict()
     loader, accum = make_loader(), h.accum_steps(rt.world_size)
-    for i in range(h.warmup_steps):
-        model.looping = h.num_loops > 0 and i >= h.warmup_steps // 2
+    lengths = [length for _, length in h.seq_schedule()]
+    for i in range(max(h.warmup_steps, 2 * len(lengths))):
+        part = i * 2 * len(lengths) // max(h.warmup_steps, 2 * len(lengths))  # (length, looping) pairs in turn
+        length = lengths[part // 2]
+        loader.set_seq_len(length, h.train_batch_tokens // (rt.world_size * accum * length))
+        model.looping = h.num_loops > 0 and part % 2 == 1
         t0 = time.perf_counter()
         loss = train_step(model, optimizers, loader, h, rt, accum, 1.0, h.muon_momentum_start)
-        log(f"warmup step {i + 1}/{h.warmup_steps} looping={model.looping} loss={loss.item():.4f} {time.perf_counter() - t0:.1f}s")
+        log(f"warmup step {i + 1}/{max(h.warmup_steps, 2 * len(lengths))} length={length} looping={model.looping} loss={loss.item():.4f} {time.perf_counter() - t0:.1f}s")
     model.load_state_dict(saved_model)
     optimizers.load_state_dict(saved_opt)
     model.looping = False
@@ -1529,6 +1577,8 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
     peak = peak_flops(rt.device)
     phase_tokens, phase_seconds = {False: 0, True: 0}, {False: 0.0, True: 0.0}
     step, elapsed, last_step_seconds, loss_sum, window_t, window_steps = 0, 0.0, 0.0, None, 0.0, 0
+    schedule, switched_at = h.seq_schedule(), None  # progressive context: the step of the last length switch
+    compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     log(f"training: budget {budget:.1f}s (MAX_WALLCLOCK_SECONDS {h.max_wallclock_seconds} - GPTQ_RESERVE_SECONDS {h.gptq_reserve_seconds}), {tokens_per_step} tokens/step, {accum} micro-steps of {h.train_batch_tokens // (accum * rt.world_size * h.train_seq_len)} sequences per rank")
     t0 = clock()
     while (reason := stop_reason(step, elapsed, last_step_seconds, budget, h.iterations)) is None:
@@ -1537,7 +1587,14 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
         if looping and not model.looping:
             log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of training), order {virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops)}")
         model.looping = looping
-        loss = train_step(model, optimizers, loader, h, rt, accum, lr_multiplier(frac, h.warmdown_frac, h.min_lr_frac), muon_momentum_at(step, h), muon_wd_multiplier(frac, h.muon_wd_final))
+        length = sequence_length_at(frac, schedule)
+        if length != loader.seq_len:
+            if step > 0:
+                switched_at = step
+                log(f"step {step}: training length {loader.seq_len} -> {length} at {elapsed:.1f}s ({frac:.0%} of training); LR re-warmed over {h.seq_rewarm_steps} steps")
+            loader.set_seq_len(length, tokens_per_step // (rt.world_size * accum * length))
+        lr_mult = lr_multiplier(frac, h.warmdown_frac, h.min_lr_frac) * (1.0 if switched_at is None else rewarm_multiplier(step - switched_at, h.seq_rewarm_steps))
+        loss = train_step(model, optimizers, loader, h, rt, accum, lr_mult, muon_momentum_at(step, h), muon_wd_multiplier(frac, h.muon_wd_final))
         ema.update()
         step += 1
         loss_sum = loss if loss_sum is None else loss_sum + loss
@@ -1550,9 +1607,12 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
         if step % h.log_every == 0 or step <= 5:
             tok_s = window_steps * tokens_per_step / window_t
             mfu = "" if peak is None else f" mfu {100 * tok_s * flops_per_token(h, len(model.layer_order())) / (peak * rt.world_size):.1f}%"
-            log(f"step {step} loss {loss_sum.item() / window_steps:.4f} lr_mult {lr_multiplier(frac, h.warmdown_frac, h.min_lr_frac):.3f} {tok_s:,.0f} tok/s{mfu} (run average {step * tokens_per_step / elapsed:,.0f}) elapsed {elapsed:.1f}s")
+            log(f"step {step} loss {loss_sum.item() / window_steps:.4f} lr_mult {lr_mult:.3f} {tok_s:,.0f} tok/s{mfu} (run average {step * tokens_per_step / elapsed:,.0f}) elapsed {elapsed:.1f}s")
             loss_sum, window_t, window_steps = None, 0.0, 0
     log(f"stopped after {step} steps, {elapsed:.1f}s: {reason}")
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled_before
+    if compiled:  # every shape and loop mode should have compiled in the warm-up, before the clock
+        log(f"WARNING: {compiled} graphs compiled inside the timed training (a shape the warm-up did not run)")
     rates = {}
     for looping in (False, True):
         if phase_seconds[looping] > 0:

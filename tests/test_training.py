@@ -1,5 +1,6 @@
 """Muon, gradients, schedule, EMA, compile warm-up restore and the wallclock guard."""
 
+import dataclasses
 import json
 import math
 import os
@@ -403,3 +404,66 @@ def test_muon_weight_decay_taper():
     muon = tg.Muon([(W, slice(None))], lr=0.1, weight_decay=0.5, ns_steps=1, rank=0, world_size=1)
     muon.step(1.0, wd_mult=0.5)  # zero gradient: the step is the decay alone
     assert torch.allclose(W.detach(), torch.full((4, 4), 1 - 0.1 * 0.5 * 0.5))
+
+
+def test_the_sequence_schedule_by_progress_and_its_checks():
+    h = tg.Hyperparameters(train_seq_schedule="1024@0,2048@0.1,3072@0.7")
+    schedule = h.seq_schedule()
+    assert schedule == [(0.0, 1024), (0.1, 2048), (0.7, 3072)] and h.longest_sequence() == 3072
+    assert [tg.sequence_length_at(f, schedule) for f in (0.0, 0.099, 0.1, 0.5, 0.7, 1.0)] == [1024, 1024, 2048, 2048, 3072, 3072]
+    assert tg.Hyperparameters().seq_schedule() == [(0.0, 2048)]
+    h.validate(8)  # 786,432 tokens divide into 8 ranks of 1024-, 2048- and 3072-token sequences
+    for bad, message in [("1024@0.1,2048@0.5", "must start at 0"), ("1024@0,2048@0.5,3072@0.5", "rise below 1"), ("1024", "expected LEN@FRAC"), ("1000@0", "must be a multiple")]:
+        with pytest.raises(ValueError, match=message):
+            tg.Hyperparameters(train_seq_schedule=bad).validate(8)
+    assert [tg.rewarm_multiplier(s, 32) for s in (0, 15, 31, 40)] == [1 / 32, 0.5, 1.0, 1.0] and tg.rewarm_multiplier(0, 0) == 1.0
+
+
+def test_the_loader_cuts_sequences_of_the_current_length(tmp_path, tiny_data):
+    h, rt, _, _, make_loader = _tiny_training(tmp_path, tiny_data, grad_accum_steps=1)
+    loader = make_loader()
+    x, _ = loader.next_batch()
+    assert x.shape == (8, 32)  # 256 tokens per micro-step
+    loader.set_seq_len(16, 16)
+    for _ in range(3):
+        x, y = loader.next_batch()
+        assert x.shape == y.shape == (16, 16) and x.numel() == 256
+
+
+def test_progressive_context_switches_length_rewarms_and_keeps_tokens_per_step(tmp_path, tiny_data):
+    """ITERATIONS=20 with lengths 16 then 32 from half-way: the first 10 steps see 16-token
+    sequences, the rest 32, always 256 tokens per micro-step; the LR multiplier restarts at
+    1/SEQ_REWARM_STEPS after the switch and ramps back; the warm-up runs every (length,
+    looping) pair before the clock."""
+    h, rt, model, opt, make_loader = _tiny_training(tmp_path, tiny_data, iterations=20, max_wallclock_seconds=1e6, grad_accum_steps=1, log_every=1, train_seq_schedule="16@0,32@0.5", seq_rewarm_steps=4, warmdown_frac=0.0)
+    shapes, multipliers, lines = [], [], []
+    original = model.training_loss
+    model.training_loss = lambda x, y: shapes.append((tuple(x.shape), model.looping)) or original(x, y)
+    step = opt.step
+    opt.step = lambda lr_mult, momentum, clip, wd_mult: (multipliers.append(lr_mult), step(lr_mult, momentum, clip, wd_mult))[1]
+    tg.train(model, opt, tg.WeightEMA(list(model.parameters()), h.ema_decay, h.ema_power), make_loader(), h, rt, lines.append)
+    assert [s for s, _ in shapes] == [(16, 16)] * 10 + [(8, 32)] * 10
+    assert multipliers == [1.0] * 10 + [0.25, 0.5, 0.75] + [1.0] * 7
+    assert any(l.startswith("step 10: training length 16 -> 32") for l in lines)
+    shapes.clear()
+    tg.warm_up(model, opt, dataclasses.replace(h, warmup_steps=4), rt, make_loader, lambda msg: None)
+    assert shapes == [((16, 16), False), ((16, 16), True), ((8, 32), False), ((8, 32), True)]
+
+
+def test_a_graph_compiled_inside_the_timed_training_is_reported(tmp_path, tiny_data):
+    """Every shape and loop mode compiles in the warm-up; a compile counted inside the timed
+    loop (here faked through Dynamo's counter) is logged as a warning."""
+    h, rt, model, opt, make_loader = _tiny_training(tmp_path, tiny_data, iterations=3, max_wallclock_seconds=1e6)
+    lines = []
+    tg.train(model, opt, tg.WeightEMA(list(model.parameters()), h.ema_decay, h.ema_power), make_loader(), h, rt, lines.append)
+    assert not any("WARNING" in l for l in lines)
+    original = model.training_loss
+    stats = torch._dynamo.utils.counters["stats"]
+
+    def compiles_once(x, y):
+        stats["unique_graphs"] += 1
+        return original(x, y)
+
+    model.training_loss = compiles_once
+    tg.train(model, opt, tg.WeightEMA(list(model.parameters()), h.ema_decay, h.ema_power), make_loader(), h, rt, lines.append)
+    assert any(l.startswith("WARNING: 24 graphs compiled inside the timed training") for l in lines)

@@ -2837,6 +2837,8 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     if log is not None:  # a document's chunks run one after another: the longest one is a floor on a rank's time
         chunks = [-(-(end - first) // h.lora_ttt_chunk_tokens) for first, end in docs]
         log(f"  lora_ttt: {len(docs):,} documents in {len(batches)} batches, {sum(chunks):,} chunks; the longest document {docs[0][1] - docs[0][0]:,} targets ({chunks[0]:,} chunks)")
+    if step_seconds is not None and rt.distributed:  # every rank plans with the slowest rank's step: one plan for all
+        step_seconds = all_reduce(torch.tensor(step_seconds, dtype=torch.float64, device=rt.device), dist.ReduceOp.MAX).item()
     plan, plan_line = lora_ttt_plan([e - f for f, e in docs], h, step_seconds, rt.world_size)
     if log is not None:
         log(f"  lora_ttt time plan: {plan_line}")

@@ -496,6 +496,24 @@ def test_time_plan_bounds_a_200000_token_document():
     assert tg.lora_ttt_plan(lengths, h, None, 1)[0].short_span == tg.UNLIMITED  # no measured step time: no plan
 
 
+def _planned_lora_on_rank(rank, world_size, tokens, tables, step_seconds):
+    rt = tg.Runtime(rank, world_size, 0, torch.device("cpu"))
+    h = _h(lora_ttt_budget_seconds=0.2)
+    lines = []
+    r = tg.evaluate_lora_ttt(_model().double(), tokens, tg.validation_target_bytes(tokens, tables), h, rt, log=lines.append, step_seconds=step_seconds[rank])
+    return r.nll_sum, r.tokens, [l for l in lines if "time plan" in l]
+
+
+def test_ranks_share_one_time_plan_made_with_the_slowest_step(tiny_data):
+    """Each rank measures its own step time; they plan with the largest, so every rank cuts its
+    documents the same way (with two fast ranks the plan is a finer one)."""
+    tokens, tables, _ = _documents(tiny_data)
+    (_, n0, plan0), (_, n1, plan1) = run_distributed(_planned_lora_on_rank, 2, tokens, tables, [0.002, 0.02])
+    assert plan0 == plan1 and "20 ms per step" in plan0[0] and "then 16" in plan0[0] and n0 == n1 == len(tokens) - 1  # totals are all-reduced
+    (_, _, fast0), (_, _, fast1) = run_distributed(_planned_lora_on_rank, 2, tokens, tables, [0.002, 0.002])
+    assert fast0 == fast1 and fast0 != plan0
+
+
 def test_a_planned_grid_scores_every_target_once_and_stays_causal(tiny_data, cpu_runtime):
     """A plan with long chunks past each document's first 16 targets and a step cap: every target
     is scored once, chunks follow the grid, no document takes more steps than the cap, and

@@ -1473,6 +1473,24 @@ def muon_momentum_at(step: int, h: Hyperparameters) -> float:
     return h.muon_momentum_start + t * (h.muon_momentum - h.muon_momentum_start)
 
 
+class StepSettings(NamedTuple):
+    lr_mult: float  # of every optimizer's base LR
+    momentum: float  # Muon's
+    wd_mult: float  # of Muon's weight decay
+    looping: bool  # depth recurrence
+    seq_len: int  # training sequence length
+
+
+def step_settings(step: int, frac: float, h: "Hyperparameters", switched_at: int | None = None) -> StepSettings:
+    """The schedule as one function of the step and training progress (and, for the LR re-warm,
+    the step of the last length switch): what train() applies at each step, and whose
+    (seq_len, looping) pairs the compile warm-up runs before the clock."""
+    lr = lr_multiplier(frac, h.warmdown_frac, h.min_lr_frac)
+    if switched_at is not None:
+        lr *= rewarm_multiplier(step - switched_at, h.seq_rewarm_steps)
+    return StepSettings(lr, muon_momentum_at(step, h), muon_wd_multiplier(frac, h.muon_wd_final), h.num_loops > 0 and frac >= h.loop_start_frac, sequence_length_at(frac, h.seq_schedule()))
+
+
 class WeightEMA:
     """EMA of the weights whose decay grows with the step: beta_t = min(decay, (1 - 1/t)^(power+1)).
 
@@ -1577,24 +1595,23 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
     peak = peak_flops(rt.device)
     phase_tokens, phase_seconds = {False: 0, True: 0}, {False: 0.0, True: 0.0}
     step, elapsed, last_step_seconds, loss_sum, window_t, window_steps = 0, 0.0, 0.0, None, 0.0, 0
-    schedule, switched_at = h.seq_schedule(), None  # progressive context: the step of the last length switch
+    switched_at = None  # progressive context: the step of the last length switch
     compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     log(f"training: budget {budget:.1f}s (MAX_WALLCLOCK_SECONDS {h.max_wallclock_seconds} - GPTQ_RESERVE_SECONDS {h.gptq_reserve_seconds}), {tokens_per_step} tokens/step, {accum} micro-steps of {h.train_batch_tokens // (accum * rt.world_size * h.train_seq_len)} sequences per rank")
     t0 = clock()
     while (reason := stop_reason(step, elapsed, last_step_seconds, budget, h.iterations)) is None:
         frac = training_progress(step, elapsed, budget, h.iterations)
-        looping = h.num_loops > 0 and frac >= h.loop_start_frac
-        if looping and not model.looping:
-            log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of training), order {virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops)}")
-        model.looping = looping
-        length = sequence_length_at(frac, schedule)
-        if length != loader.seq_len:
+        settings = step_settings(step, frac, h, switched_at)
+        if settings.seq_len != loader.seq_len:
             if step > 0:
                 switched_at = step
-                log(f"step {step}: training length {loader.seq_len} -> {length} at {elapsed:.1f}s ({frac:.0%} of training); LR re-warmed over {h.seq_rewarm_steps} steps")
-            loader.set_seq_len(length, tokens_per_step // (rt.world_size * accum * length))
-        lr_mult = lr_multiplier(frac, h.warmdown_frac, h.min_lr_frac) * (1.0 if switched_at is None else rewarm_multiplier(step - switched_at, h.seq_rewarm_steps))
-        loss = train_step(model, optimizers, loader, h, rt, accum, lr_mult, muon_momentum_at(step, h), muon_wd_multiplier(frac, h.muon_wd_final))
+                settings = step_settings(step, frac, h, switched_at)
+                log(f"step {step}: training length {loader.seq_len} -> {settings.seq_len} at {elapsed:.1f}s ({frac:.0%} of training); LR re-warmed over {h.seq_rewarm_steps} steps")
+            loader.set_seq_len(settings.seq_len, tokens_per_step // (rt.world_size * accum * settings.seq_len))
+        if settings.looping and not model.looping:
+            log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of training), order {virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops)}")
+        model.looping = looping = settings.looping
+        loss = train_step(model, optimizers, loader, h, rt, accum, settings.lr_mult, settings.momentum, settings.wd_mult)
         ema.update()
         step += 1
         loss_sum = loss if loss_sum is None else loss_sum + loss
@@ -1607,7 +1624,7 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
         if step % h.log_every == 0 or step <= 5:
             tok_s = window_steps * tokens_per_step / window_t
             mfu = "" if peak is None else f" mfu {100 * tok_s * flops_per_token(h, len(model.layer_order())) / (peak * rt.world_size):.1f}%"
-            log(f"step {step} loss {loss_sum.item() / window_steps:.4f} lr_mult {lr_mult:.3f} {tok_s:,.0f} tok/s{mfu} (run average {step * tokens_per_step / elapsed:,.0f}) elapsed {elapsed:.1f}s")
+            log(f"step {step} loss {loss_sum.item() / window_steps:.4f} lr_mult {settings.lr_mult:.3f} {tok_s:,.0f} tok/s{mfu} (run average {step * tokens_per_step / elapsed:,.0f}) elapsed {elapsed:.1f}s")
             loss_sum, window_t, window_steps = None, 0.0, 0
     log(f"stopped after {step} steps, {elapsed:.1f}s: {reason}")
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled_before

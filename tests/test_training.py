@@ -467,3 +467,13 @@ def test_a_graph_compiled_inside_the_timed_training_is_reported(tmp_path, tiny_d
     model.training_loss = compiles_once
     tg.train(model, opt, tg.WeightEMA(list(model.parameters()), h.ema_decay, h.ema_power), make_loader(), h, rt, lines.append)
     assert any(l.startswith("WARNING: 24 graphs compiled inside the timed training") for l in lines)
+
+
+def test_step_settings_are_the_whole_schedule():
+    h = tg.Hyperparameters(train_seq_schedule="1024@0,2048@0.1,3072@0.7", seq_rewarm_steps=32)
+    start = tg.step_settings(0, 0.0, h)
+    assert start == (1.0, pytest.approx(0.92), 1.0, False, 1024)
+    middle = tg.step_settings(1500, 0.5, h, switched_at=1490)
+    assert middle.looping and middle.seq_len == 2048 and middle.lr_mult == pytest.approx(0.5 / 0.85 * 11 / 32) and middle.momentum == pytest.approx(0.97)  # warmdown x re-warm
+    late = tg.step_settings(4000, 0.95, h)
+    assert late.seq_len == 3072 and late.lr_mult == pytest.approx(max(0.10, 0.05 / 0.85)) and late.wd_mult == 1.0

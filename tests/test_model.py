@@ -55,6 +55,17 @@ def test_xsa_output_is_orthogonal_to_own_value_vector():
     assert torch.allclose(removed, (y * v_hat).sum(-1, keepdim=True) * v_hat)
 
 
+def _attention_pair(h_gated, h_plain, extra: str):
+    """An attention module with one extra parameter and the same module without it, sharing every
+    other weight (float64); each records the input of its output projection in the dict returned."""
+    gated, plain = tg.Attention(h_gated).double(), tg.Attention(h_plain).double()
+    plain.load_state_dict({k: t for k, t in gated.state_dict().items() if k != extra})
+    captured = {}
+    for name, m in (("gated", gated), ("plain", plain)):
+        m.proj.register_forward_pre_hook(lambda mod, args, name=name: captured.__setitem__(name, args[0]))
+    return gated, plain, captured
+
+
 def test_gated_xsa_removes_each_heads_fraction_and_starts_off():
     """XSA_GATE: head h removes tanh(alpha_h) of its component along its own value vector; alpha
     starts at 0, so the block starts as plain attention; it is a small tensor, trained by AdamW
@@ -69,11 +80,7 @@ def test_gated_xsa_removes_each_heads_fraction_and_starts_off():
     torch.testing.assert_close(tg.exclusive_self_attention(y, v, torch.ones(H, dtype=torch.float64)), tg.exclusive_self_attention(y, v), rtol=1e-12, atol=1e-12)
     assert torch.equal(tg.exclusive_self_attention(y, v, torch.zeros(H, dtype=torch.float64)), y)  # alpha = 0: no XSA at all
     h = tiny_hyperparameters(xsa_gate=True)
-    gated, plain = tg.Attention(h).double(), tg.Attention(tiny_hyperparameters(xsa_gate=False)).double()
-    plain.load_state_dict({k: t for k, t in gated.state_dict().items() if k != "xsa_alpha"})
-    outputs = {}
-    for name, m in (("gated", gated), ("plain", plain)):
-        m.proj.register_forward_pre_hook(lambda mod, args, name=name: outputs.__setitem__(name, args[0]))
+    gated, plain, outputs = _attention_pair(h, tiny_hyperparameters(xsa_gate=False), "xsa_alpha")
     x = torch.randn(2, 12, h.model_dim, dtype=torch.float64)
     gated(x), plain(x)
     assert not torch.allclose(outputs["gated"], outputs["plain"])  # plain has XSA; the gated one starts without it
@@ -239,12 +246,7 @@ def test_smear_gate_is_the_identity_at_init_and_never_crosses_bos():
 
 def test_attention_gate_halves_each_head_at_init_and_follows_its_formula():
     h = tiny_hyperparameters(attn_gate=True, attn_gate_scale=0.5)
-    gated = tg.Attention(h).double()
-    plain = tg.Attention(tiny_hyperparameters(attn_gate=False)).double()
-    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate"})
-    captured = {}
-    for name, m in (("gated", gated), ("plain", plain)):
-        m.proj.register_forward_pre_hook(lambda mod, args, name=name: captured.__setitem__(name, args[0]))
+    gated, plain, captured = _attention_pair(h, tiny_hyperparameters(attn_gate=False), "gate")
     x = torch.randn(2, 12, h.model_dim, dtype=torch.float64)
     gated(x), plain(x)
     assert torch.allclose(captured["gated"], 0.5 * captured["plain"])  # sigmoid(0) on every head

@@ -184,7 +184,6 @@ class Hyperparameters:
     lora_ttt_beta2: float = _param(0.99, lo=0, hi=0.99999)  # LoRA TTT's AdamW beta2
     lora_ttt_wd: float = _param(2.0, lo=0)  # LoRA TTT's AdamW weight decay
     lora_ttt_targets: str = _param("q,v,o,mlp,head")  # the adapted projections, a comma list of q, k, v, o (attention output), mlp and head
-    lora_ttt_keep_a: bool = _param(True)  # a row's A carries over to its next document (only B and the optimizer restart); 0: every document starts from the same A
     lora_ttt_seq_len: int = _param(0, lo=0)  # LoRA TTT's window, up to 3072 (the accepted rows: 2560; RoPE extrapolates past TRAIN_SEQ_LEN); 0: EVAL_SEQ_LEN
     lora_ttt_chunk_tokens: int = _param(48, lo=1)  # a document is scored this many targets at a time, one AdamW step after each
     lora_ttt_long_chunk_tokens: int = _param(512, lo=1)  # past the time plan's first N targets of a document, chunks of this many
@@ -2472,18 +2471,18 @@ def ngram_hints(doc: np.ndarray, order: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def stream_ngram_hints(tokens: torch.Tensor, order: int, min_share: float, vocab_size: int) -> torch.Tensor:
-    """The accepted rows' hints, per target k of the validation stream (target k is token k+1):
-    among the earlier targets j < k, in stream order and across documents, whose `order` input
-    tokens tokens[j-order+1..j] equal target k's, the continuation tokens[j+1] seen most often,
-    if its share of them is at least min_share (> 1/2, so it is unique); else -1. A hint reads
-    tokens <= k only. Contexts are compared exactly (token ids packed into 63-bit words), never
-    hashed. Vectorised in four steps: stable sorts gather each context's occurrences in stream
-    order; within a context, each occurrence's count of its own continuation so far; a running
-    maximum of those counts (its token the leader); each occurrence takes the state left by
-    the one before it."""
-    n = len(tokens) - 1
-    device = tokens.device
+def stream_ngram_hints(inputs: torch.Tensor, targets: torch.Tensor, order: int, min_share: float, vocab_size: int) -> torch.Tensor:
+    """The accepted rows' hints, per position k of a sequence of (input, target) pairs: among the
+    earlier positions j < k whose `order` inputs inputs[j-order+1..j] equal those ending at k,
+    the target targets[j] seen most often, if its share of them is at least min_share (> 1/2, so
+    it is unique); else -1. A hint reads inputs <= k and targets < k only. For a stream, inputs
+    are tokens[:-1] and targets tokens[1:]. Contexts are compared exactly (token ids packed into
+    63-bit words), never hashed. Vectorised in four steps: stable sorts gather each context's
+    occurrences in order; within a context, each occurrence's count of its own continuation so
+    far; a running maximum of those counts (its token the leader); each occurrence takes the
+    state left by the one before it."""
+    n = len(inputs)
+    device = inputs.device
     hints = torch.full((n,), -1, dtype=torch.int64, device=device)
     if n < order:
         return hints
@@ -2494,9 +2493,9 @@ def stream_ngram_hints(tokens: torch.Tensor, order: int, min_share: float, vocab
     for lo in range(0, order, per_word):
         word = torch.zeros(len(ends), dtype=torch.int64, device=device)
         for i in range(lo, min(order, lo + per_word)):
-            word = (word << bits) | tokens[ends - i]
+            word = (word << bits) | inputs[ends - i]
         words.append(word)
-    follow = tokens[ends + 1]
+    follow = targets[ends]
     index = torch.arange(len(ends), device=device)
 
     def starts(is_new: torch.Tensor) -> torch.Tensor:  # each element's run start, for runs flagged at their first element
@@ -2530,6 +2529,17 @@ def stream_ngram_hints(tokens: torch.Tensor, order: int, min_share: float, vocab
     return hints
 
 
+def queue_ngram_hints(tokens: torch.Tensor, docs: list[tuple[int, int]], order: int, min_share: float, vocab_size: int) -> torch.Tensor:
+    """Stream hints in the order the documents are scored: the documents' (input, target) pairs
+    concatenated in the order of `docs` (target ranges), so a target's hint reads only its own
+    document's prefix and the documents before it in that order; returned per target of the
+    stream (-1 where none)."""
+    positions = torch.cat([torch.arange(first, end, device=tokens.device) for first, end in docs])
+    hints = torch.full((len(tokens) - 1,), -1, dtype=torch.int64, device=tokens.device)
+    hints[positions] = stream_ngram_hints(tokens[positions], tokens[positions + 1], order, min_share, vocab_size)
+    return hints
+
+
 def ngram_tilt(nll: torch.Tensor, hint_logp: torch.Tensor, hit: torch.Tensor, has_hint: torch.Tensor, beta: float) -> torch.Tensor:
     """-log p'(y) for p'(t) = p(t) e^(beta [t = hint]) / Z, Z = 1 + p(hint) (e^beta - 1): the full
     distribution tilted towards the hint and renormalised (unchanged where there is no hint)."""
@@ -2542,15 +2552,14 @@ class DocumentAdapters(nn.Module):
     (LORA_TTT_TARGETS): every virtual layer's q, k, v, attention output ("o", fed from the
     attention's input) and MLP (parallel), and the tied head. Every row starts from the same A
     (uniform in +-1/sqrt(in), fixed seed) and B = 0, the identity. When a new document takes a
-    row, its B goes back to 0, so the document starts from the model itself; its A too unless
-    keep_a, where it carries what the row's earlier (already scored) documents taught it."""
+    row, its A and B go back to those, so every document starts from the model itself and
+    learns from nothing but its own prefix, whichever row and rank it lands on."""
 
-    def __init__(self, model: GPT, rows: int, rank: int, alpha: float, targets: tuple[str, ...] = LORA_TTT_TARGETS, keep_a: bool = False):
+    def __init__(self, model: GPT, rows: int, rank: int, alpha: float, targets: tuple[str, ...] = LORA_TTT_TARGETS):
         super().__init__()
         h = model.h
         kv = h.num_kv_heads * (h.model_dim // h.num_heads)
         self.outputs = {t: out for t, out in dict(q=h.model_dim, k=kv, v=kv, o=h.model_dim, mlp=h.model_dim).items() if t in targets}
-        self.keep_a = keep_a
         layers = len(model.layer_order())
         generator = torch.Generator().manual_seed(0)
         device = model.tok_emb.weight.device
@@ -2580,12 +2589,10 @@ class DocumentAdapters(nn.Module):
 
     @torch.no_grad()
     def restart(self, rows: torch.Tensor):
-        """The rows (a boolean mask) back to B = 0 (and to the initial A unless keep_a), for new
-        documents."""
+        """The rows (a boolean mask) back to the initial A and B = 0, for new documents."""
         has_head = self.head_A is not None
-        if not self.keep_a:
-            for name, A in [*self.A.items(), *([("head", self.head_A)] if has_head else [])]:
-                A[rows] = self.initial_A[name]
+        for name, A in [*self.A.items(), *([("head", self.head_A)] if has_head else [])]:
+            A[rows] = self.initial_A[name]
         for B in [*self.B.values(), *([self.head_B] if has_head else [])]:
             B[rows] = 0
 
@@ -2733,7 +2740,7 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, host_tokens: np.ndarra
     target, or with NGRAM_TILT=document found in each claimed document); the steps learn from
     the untilted loss. Returns the number of steps."""
     device, seq_len, rows = tokens.device, h.lora_ttt_window(), h.lora_ttt_batch_docs
-    adapters = DocumentAdapters(model, rows, h.lora_ttt_rank, h.lora_ttt_alpha, tuple(h.lora_ttt_targets.split(",")), h.lora_ttt_keep_a)
+    adapters = DocumentAdapters(model, rows, h.lora_ttt_rank, h.lora_ttt_alpha, tuple(h.lora_ttt_targets.split(",")))
     optimizer = RowAdamW(adapters.parameters(), rows, h.lora_ttt_lr, h.lora_ttt_beta2, 1e-10, h.lora_ttt_wd)
     hints = torch.full((len(tokens),), -1, dtype=torch.int64, device=device)  # per target (the last entry stays -1: none)
     if stream_hints is not None:
@@ -2830,13 +2837,16 @@ def global_sgd_phase(model: GPT, tokens: torch.Tensor, docs: list[tuple[int, int
 
 def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: Runtime, return_token_nll=False, trace=None, log=None, step_seconds: float | None = None) -> EvalResult:
     """Per-document LoRA test-time training. Documents, longest first, go in batches of
-    LORA_TTT_BATCH_DOCS to whichever rank claims the batch next. Each document is scored a chunk
+    LORA_TTT_BATCH_DOCS to whichever rank claims the batch next. The score is causal in this
+    queue order (batch number, then position in the batch): a document's score depends only on
+    its own prefix and on documents before it in the queue (through the phases and the hints),
+    never on which rank took which batch. Each document is scored a chunk
     at a time (LORA_TTT_CHUNK_TOKENS targets; past the time plan's first N targets of a document,
     LORA_TTT_LONG_CHUNK_TOKENS; the plan comes from the documents' lengths and step_seconds, one
     chunk's measured time), from at most LoRA TTT's window of its own prefix (never another
     document's); the forward that scores a chunk also gives the loss of one AdamW step on that
     document's adapters, taken after the chunk's scores are counted (none after its last chunk).
-    With NGRAM_TILT=stream the hints come from the whole stream first. With LORA_TTT_PHASES, at
+    With NGRAM_TILT=stream the hints come first, from the documents concatenated in queue order. With LORA_TTT_PHASES, at
     each phase boundary every rank stops claiming, finishes its documents, and all ranks train
     all weights on every document of the batches before the boundary (all scored by then)
     before LoRA TTT goes on; the weights are restored at the end, so the model leaves as it came. `trace`, if a list, records ("score"|"train",
@@ -2870,12 +2880,12 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
         return None if number is None else batches[number]
 
     stream_hints = None
-    if h.ngram_tilt_beta > 0 and h.ngram_tilt == "stream":  # from the whole stream, the same on every rank
+    if h.ngram_tilt_beta > 0 and h.ngram_tilt == "stream":  # over the documents in queue order, the same on every rank
         t_hints = time.perf_counter()
-        stream_hints = stream_ngram_hints(tokens, h.ngram_tilt_order, h.ngram_tilt_min_share, h.vocab_size)
+        stream_hints = queue_ngram_hints(tokens, docs, h.ngram_tilt_order, h.ngram_tilt_min_share, h.vocab_size)
         if log is not None:
             synchronize(tokens.device)
-            log(f"  lora_ttt: stream n-gram hints (order {h.ngram_tilt_order}, share >= {h.ngram_tilt_min_share}) for {(stream_hints >= 0).float().mean().item():.2%} of the targets in {time.perf_counter() - t_hints:.1f}s")
+            log(f"  lora_ttt: stream n-gram hints in queue order (order {h.ngram_tilt_order}, share >= {h.ngram_tilt_min_share}) for {(stream_hints >= 0).float().mean().item():.2%} of the targets in {time.perf_counter() - t_hints:.1f}s")
     boundaries = phase_boundaries(len(batches), h)
     artifact_weights = [p.detach().clone() for p in model.parameters()] if boundaries else None  # the phases train them
     train_steps = 0

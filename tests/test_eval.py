@@ -44,6 +44,23 @@ def _scrambled(tokens, start, end):
     return changed
 
 
+def assert_causal_in_order(score, tokens, units):
+    """The rule every evaluation is held to, each in its own stated order: `units` are target
+    ranges [first, end) in the order the evaluation scores them, `score(tokens)` the per-target
+    scores. Changing a unit's tokens (its BOS and its length kept) moves no score of a unit
+    before it, and changing a unit's second half moves none of its first half either."""
+    base = score(tokens)
+    for i, (first, end) in enumerate(units):
+        middle = first + (end - first) // 2
+        for start in (first + 1, middle + 1):  # target k is token k + 1: targets from start - 1 on may move
+            if start >= end:
+                continue
+            nll = score(_scrambled(tokens, start, end))
+            for f, e in [*units[:i], (first, start - 1)]:
+                assert torch.equal(nll[f:e], base[f:e]), f"changing tokens [{start}, {end}) moved a score of targets [{f}, {e}), earlier in the order"
+            assert not torch.equal(nll[first:end], base[first:end])  # the change reached the scores
+
+
 def _evaluate(model, tokens, tables, mode, rt, **kw):
     return tg.evaluate(model, tokens, tg.validation_target_bytes(tokens, tables), SEQ, MODES[mode]["stride"], 4, rt, MODES[mode]["ttt"], **kw)
 
@@ -87,6 +104,21 @@ def test_changing_future_tokens_changes_no_earlier_score(tiny_data, cpu_runtime,
         assert torch.equal(nll[:t], base[:t]), f"a score at position <= {t} moved"  # target k is position k+1
         assert not torch.equal(nll[t:], base[t:])
         model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_score_depends_only_on_documents_earlier_in_the_stream(tiny_data, cpu_runtime, mode):
+    """The plain (quantized) score, the sliding diagnostic and score-first TTT are causal in
+    stream order: checked document by document with the helper LoRA TTT uses for its queue."""
+    tokens, tables = _stream(tiny_data, windows=28)
+    model = _model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def score(t):
+        model.load_state_dict(state)  # TTT trains the weights
+        return _evaluate(model, t, tables, mode, cpu_runtime, return_token_nll=True).token_nll
+
+    assert_causal_in_order(score, tokens, tg.document_spans(tokens))
 
 
 def test_ttt_trains_only_on_already_scored_tokens(tiny_data, cpu_runtime):

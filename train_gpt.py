@@ -292,6 +292,7 @@ class Hyperparameters:
 
 
 RENAMED_VARIABLES = {"LOG_DIR": "OUT_DIR"}  # old name -> new: an old setting is refused, not ignored
+REMOVED_VARIABLES = {"LORA_TTT_KEEP_A": "every document starts from the same A, so no score depends on which rank took which batch (#33)"}  # refused with the reason
 
 
 def check_for_misspelled_variables(environ, known: list[str]):
@@ -303,6 +304,8 @@ def check_for_misspelled_variables(environ, known: list[str]):
             continue
         if name in RENAMED_VARIABLES:
             raise ValueError(f"{name}: renamed to {RENAMED_VARIABLES[name]}; set that instead (unset {name} to run)")
+        if name in REMOVED_VARIABLES:
+            raise ValueError(f"{name}: removed: {REMOVED_VARIABLES[name]} (unset {name} to run)")
         if name.upper() in known_set:
             raise ValueError(f"{name}: hyperparameter variables are upper case; did you mean {name.upper()}?")
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)

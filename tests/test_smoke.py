@@ -263,3 +263,8 @@ def test_eval_only_needs_an_artifact_path():
         tg.Hyperparameters(eval_only=True).validate(1)
     with pytest.raises(ValueError, match="LOG_DIR: renamed to OUT_DIR"):
         tg.Hyperparameters.from_env({"LOG_DIR": "x"})
+
+
+def test_a_removed_setting_is_refused_with_its_reason():
+    with pytest.raises(ValueError, match="LORA_TTT_KEEP_A: removed: every document starts from the same A"):
+        tg.Hyperparameters.from_env({"LORA_TTT_KEEP_A": "1"})

@@ -192,10 +192,9 @@ class Hyperparameters:
     lora_ttt_phases: int = _param(1, lo=0)  # global SGD phases: all weights train on the documents scored so far; 0: off
     lora_ttt_phase_docs: int = _param(2500, lo=1)  # a phase after every this many documents of the queue (whole batches)
     lora_ttt_phase_lr: float = _param(1e-3, lo=0)  # the phases' SGD (TTT_MOMENTUM, TTT_BATCH_SEQS, TTT_GRAD_CLIP): cosine to 0 over each phase
-    ngram_tilt: str = _param("stream", choices=("stream", "document"))  # where LoRA TTT's n-gram hints come from: the whole validation stream before the target (the accepted rows') or the target's own document
-    ngram_tilt_beta: float = _param(2.625, lo=0)  # LoRA TTT's scores: the n-gram hint's probability raised by e^beta, renormalised; 0: off
-    ngram_tilt_order: int = _param(15, lo=1)  # the context: this many tokens ending at the target's input (document hints: at most 4)
-    ngram_tilt_min_share: float = _param(0.8, lo=0.5, hi=1, lo_open=True)  # stream hints: only where the context's most frequent continuation so far has this share
+    ngram_tilt_beta: float = _param(2.625, lo=0)  # LoRA TTT's scores: the n-gram hint (from the documents scored before and the target's prefix) raised by e^beta, renormalised; 0: off
+    ngram_tilt_order: int = _param(15, lo=1)  # the hint's context: this many tokens ending at the target's input
+    ngram_tilt_min_share: float = _param(0.8, lo=0.5, hi=1, lo_open=True)  # a hint only where the context's most frequent continuation so far has this share
 
     @classmethod
     def from_env(cls, environ=None) -> "Hyperparameters":
@@ -259,7 +258,6 @@ class Hyperparameters:
         need(not self.lora_ttt or self.lora_ttt_long_chunk_tokens <= window // 2, f"LORA_TTT_LONG_CHUNK_TOKENS={self.lora_ttt_long_chunk_tokens}: must be <= half LoRA TTT's window, {window // 2} (a chunk's first target keeps half a window of context)")
         targets = self.lora_ttt_targets.split(",")
         need(len(set(targets)) == len(targets) and set(targets) <= set(LORA_TTT_TARGETS), f"LORA_TTT_TARGETS={self.lora_ttt_targets!r}: a comma list of distinct {', '.join(LORA_TTT_TARGETS)}")
-        need(self.ngram_tilt_beta == 0 or self.ngram_tilt != "document" or self.ngram_tilt_order * (self.vocab_size - 1).bit_length() <= 63, f"NGRAM_TILT_ORDER={self.ngram_tilt_order}: {self.ngram_tilt_order} token ids of VOCAB_SIZE={self.vocab_size} do not fit the 63-bit n-gram codes of NGRAM_TILT=document")
         if self.attention_backend == "fa3":
             need(flash_attn_3 is not None, "ATTENTION_BACKEND=fa3: flash_attn_interface is not importable")
 
@@ -292,7 +290,10 @@ class Hyperparameters:
 
 
 RENAMED_VARIABLES = {"LOG_DIR": "OUT_DIR"}  # old name -> new: an old setting is refused, not ignored
-REMOVED_VARIABLES = {"LORA_TTT_KEEP_A": "every document starts from the same A, so no score depends on which rank took which batch (#33)"}  # refused with the reason
+REMOVED_VARIABLES = {
+    "LORA_TTT_KEEP_A": "every document starts from the same A, so no score depends on which rank took which batch (#33)",
+    "NGRAM_TILT": "the hints are always the stream's, in LoRA TTT's queue order (the document hints lost: -0.0002 bpb on held-out text); NGRAM_TILT_BETA=0 turns the tilt off",
+}  # refused with the reason
 
 
 def check_for_misspelled_variables(environ, known: list[str]):
@@ -2456,23 +2457,6 @@ def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], num_targets]))
 
 
-def ngram_hints(doc: np.ndarray, order: int) -> np.ndarray:
-    """For each target k of a document (its inputs doc[0..k], BOS first), the token that followed
-    the most recent earlier occurrence of the `order` tokens doc[k-order+1..k] inside the
-    document, or -1 where there is none. A hint reads only the target's own prefix."""
-    hints = np.full(len(doc), -1, dtype=np.int64)
-    if len(doc) <= order:
-        return hints
-    ends = np.arange(order - 1, len(doc))  # n-grams by their last position
-    bits = max(1, int(doc.max()).bit_length())  # exact codes: every id of the document fits in `bits` bits
-    codes = sum(doc[ends - i].astype(np.int64) << (bits * i) for i in range(order))
-    by_code = np.lexsort((ends, codes))  # each n-gram's occurrences together, in order of position
-    repeat = codes[by_code[1:]] == codes[by_code[:-1]]
-    later, earlier = ends[by_code[1:][repeat]], ends[by_code[:-1][repeat]]
-    hints[later] = doc[earlier + 1]
-    return hints
-
-
 @torch.no_grad()
 def stream_ngram_hints(inputs: torch.Tensor, targets: torch.Tensor, order: int, min_share: float, vocab_size: int) -> torch.Tensor:
     """The accepted rows' hints, per position k of a sequence of (input, target) pairs: among the
@@ -2732,7 +2716,7 @@ def lora_ttt_plan(lengths: list[int], h: Hyperparameters, step_seconds: float | 
     return plan, f"even chunks of {plan.long_chunk} everywhere cannot fit the {h.lora_ttt_budget_seconds:.0f}s budget (projected {projected(plan):.0f}s): adaptation stops after {max_steps} steps of a document, the rest is scored without it"
 
 
-def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, host_tokens: np.ndarray, target_bytes: torch.Tensor, claim, h: Hyperparameters, acc: _Accumulator, plan: ChunkPlan, stream_hints: torch.Tensor | None = None, trace=None) -> int:
+def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, target_bytes: torch.Tensor, claim, h: Hyperparameters, acc: _Accumulator, plan: ChunkPlan, stream_hints: torch.Tensor | None = None, trace=None) -> int:
     """Scores documents (target ranges) chunk by chunk (the plan's grid) in LORA_TTT_BATCH_DOCS
     rows, each row with its own adapters, one AdamW step after each chunk (none after a
     document's last, nor past the plan's max_steps). A row
@@ -2740,7 +2724,7 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, host_tokens: np.ndarra
     there are no more) and restarts its adapters and optimizer state. Every chunk runs one
     shape, rows x LoRA TTT's window, so a single compiled graph serves the whole evaluation. With
     NGRAM_TILT_BETA the scores are tilted towards each target's n-gram hint (stream_hints, per
-    target, or with NGRAM_TILT=document found in each claimed document); the steps learn from
+    target); the steps learn from
     the untilted loss. Returns the number of steps."""
     device, seq_len, rows = tokens.device, h.lora_ttt_window(), h.lora_ttt_batch_docs
     adapters = DocumentAdapters(model, rows, h.lora_ttt_rank, h.lora_ttt_alpha, tuple(h.lora_ttt_targets.split(",")))
@@ -2748,7 +2732,6 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, host_tokens: np.ndarra
     hints = torch.full((len(tokens),), -1, dtype=torch.int64, device=device)  # per target (the last entry stays -1: none)
     if stream_hints is not None:
         hints[: len(stream_hints)] = stream_hints
-    document_hints = h.ngram_tilt_beta > 0 and h.ngram_tilt == "document"  # filled as documents are claimed
     first, end, scored_to, taken = (torch.zeros(rows, dtype=torch.int64) for _ in range(4))  # per row: its document, its targets scored so far end here, steps taken
     pending, steps, offsets = [], 0, torch.arange(plan.widest, device=device)
     while True:
@@ -2757,9 +2740,6 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, host_tokens: np.ndarra
             if not pending and (batch := claim()):
                 pending = list(reversed(batch))
                 acc.bytes += sum(target_bytes[f:e].double().sum() for f, e in batch)  # every target of the batch gets scored
-                if document_hints:
-                    for f, e in batch:
-                        hints[f:e] = torch.from_numpy(ngram_hints(host_tokens[f:e], h.ngram_tilt_order)).to(device)
             if pending:
                 first[row], end[row] = pending.pop()
                 scored_to[row], taken[row], new[row] = first[row], 0, True
@@ -2849,7 +2829,7 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     chunk's measured time), from at most LoRA TTT's window of its own prefix (never another
     document's); the forward that scores a chunk also gives the loss of one AdamW step on that
     document's adapters, taken after the chunk's scores are counted (none after its last chunk).
-    With NGRAM_TILT=stream the hints come first, from the documents concatenated in queue order. With LORA_TTT_PHASES, at
+    With NGRAM_TILT_BETA the hints come first, from the documents concatenated in queue order. With LORA_TTT_PHASES, at
     each phase boundary every rank stops claiming, finishes its documents, and all ranks train
     all weights on every document of the batches before the boundary (all scored by then)
     before LoRA TTT goes on; the weights are restored at the end, so the model leaves as it came. `trace`, if a list, records ("score"|"train",
@@ -2860,7 +2840,6 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     docs = sorted(document_spans(tokens), key=lambda d: d[0] - d[1])  # longest first
     batches = [docs[b : b + h.lora_ttt_batch_docs] for b in range(0, len(docs), h.lora_ttt_batch_docs)]
     acc = _Accumulator(rt.device, len(tokens) - 1 if return_token_nll else None)
-    host_tokens = tokens.numpy()
     tokens, target_bytes = tokens.to(rt.device), target_bytes.to(rt.device)
     queue = BatchQueue(len(batches), rt)
     held = []  # a batch number this rank claimed past a phase boundary: its first after the phase
@@ -2883,7 +2862,7 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
         return None if number is None else batches[number]
 
     stream_hints = None
-    if h.ngram_tilt_beta > 0 and h.ngram_tilt == "stream":  # over the documents in queue order, the same on every rank
+    if h.ngram_tilt_beta > 0:  # over the documents in queue order, the same on every rank
         t_hints = time.perf_counter()
         stream_hints = queue_ngram_hints(tokens, docs, h.ngram_tilt_order, h.ngram_tilt_min_share, h.vocab_size)
         if log is not None:
@@ -2894,7 +2873,7 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     train_steps = 0
     for limit in [*boundaries, len(batches)]:
         with frozen_weights(model):
-            train_steps += _lora_ttt_documents(model, tokens, host_tokens, target_bytes, lambda: claim_below(limit), h, acc, plan, stream_hints, trace)
+            train_steps += _lora_ttt_documents(model, tokens, target_bytes, lambda: claim_below(limit), h, acc, plan, stream_hints, trace)
         if limit < len(batches):
             t_phase, scored = time.perf_counter(), [d for batch in batches[:limit] for d in batch]
             steps = global_sgd_phase(model, tokens, scored, h, rt)
@@ -2928,7 +2907,7 @@ def warm_up_lora_ttt(model: GPT, h: Hyperparameters, device: torch.device) -> fl
         synchronize(device)
         t0 = time.perf_counter()
         with frozen_weights(model):
-            _lora_ttt_documents(model, on_device, tokens.numpy(), target_bytes, lambda: batches.pop() if batches else None, h, _Accumulator(device, None), plan)
+            _lora_ttt_documents(model, on_device, target_bytes, lambda: batches.pop() if batches else None, h, _Accumulator(device, None), plan)
         synchronize(device)
         seconds = time.perf_counter() - t0
     return seconds / 2

@@ -22,7 +22,7 @@ def test_defaults_match_the_record():
     # the accepted rows' settings (#2135; README, parity table), kept unless a B2-horizon A/B overturns one
     assert (h.qk_gain_init, h.muon_lr, h.attn_gate, h.attn_gate_scale, h.adam_beta2, h.warmdown_frac) == (5.0, 0.028, True, 0.5, 0.99, 0.85)
     assert (h.gptq_calib_seqs, h.lqer_group, h.lora_ttt_lr, h.lora_ttt_wd, h.lora_ttt_targets, h.lora_ttt_phases) == (32, 32, 8e-5, 2.0, "q,v,o,mlp,head", 1)
-    assert (h.ngram_tilt, h.ngram_tilt_order, h.ngram_tilt_min_share, h.ngram_tilt_beta) == ("stream", 15, 0.8, 2.625)
+    assert (h.ngram_tilt_order, h.ngram_tilt_min_share, h.ngram_tilt_beta) == (15, 0.8, 2.625)
     h.validate(world_size=8)
     assert h.accum_steps(8) == 1 and h.accum_steps(1) == 8 and h.accum_steps(2) == 4
 
@@ -107,7 +107,6 @@ def test_bad_values_name_the_variable(env, message):
         ({"TTT_BATCH_SEQS": "3"}, 1, "TTT_BATCH_SEQS=3: must divide the 16 sequences"),
         ({"TTT_BATCH_SEQS": "4"}, 8, "TTT_BATCH_SEQS=4: must be a multiple of world size 8"),
         ({"ATTENTION_BACKEND": "fa3"}, 1, "ATTENTION_BACKEND=fa3: flash_attn_interface is not importable"),
-        ({"VOCAB_SIZE": "65536", "NGRAM_TILT": "document", "NGRAM_TILT_ORDER": "4"}, 1, "NGRAM_TILT_ORDER=4: 4 token ids of VOCAB_SIZE=65536 do not fit the 63-bit n-gram codes of NGRAM_TILT=document"),
     ],
 )
 def test_incompatible_combinations_name_the_variable(env, world_size, message):

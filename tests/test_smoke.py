@@ -130,6 +130,21 @@ def test_checkpoint_holds_the_unquantized_final_weights(smoke_run):
     assert bpb == pytest.approx(logged["ema"], abs=2e-5)
 
 
+def test_quant_ab_remakes_the_runs_artifact_from_its_checkpoint(smoke_run, tmp_path):
+    """bench/quant_ab.py with the run's own settings (variant base=) re-makes the run's artifact
+    from its checkpoint: the same quantized score and bytes; a variant's setting reaches it."""
+    cwd, root, proc = smoke_run
+    ab = run_script(ROOT / "bench" / "quant_ab.py", tmp_path, root, str(cwd / "final.pt"), "base=", "calib4=GPTQ_CALIB_SEQS=4")
+    assert ab.returncode == 0, ab.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in ab.stdout.splitlines() if line.startswith(("base ", "calib4 "))}
+    logged = float(re.search(r"eval quantized: val_loss \S+ val_bpb (\S+)", proc.stdout).group(1))
+    total = json.loads((cwd / "submission.json").read_text())["artifact_bytes"]["total"]
+    assert float(rows["base"][1]) == pytest.approx(logged, abs=2e-5) and int(rows["base"][4].replace(",", "")) == total
+    assert rows["calib4"][1] != rows["base"][1]
+    bad = run_script(ROOT / "bench" / "quant_ab.py", tmp_path, root, str(cwd / "final.pt"), "x=GPTQ_CALIB=4")
+    assert bad.returncode != 0 and "x: not hyperparameters: GPTQ_CALIB" in bad.stderr
+
+
 def test_self_extracting_copy_evaluates_the_artifact_identically(smoke_run, tmp_path):
     cwd, root, proc = smoke_run
     packed = tmp_path / "train_gpt.py"

@@ -36,6 +36,7 @@ import lzma
 import math
 import os
 import platform
+import re
 import struct
 import sys
 import time
@@ -296,12 +297,32 @@ REMOVED_VARIABLES = {
 }  # refused with the reason
 
 
+ORDINARY_VARIABLES = re.compile(  # the environment of shells, launchers and libraries: never taken for a typo
+    r"(PATH|HOME|USER|SHELL|TERM|LANG|PWD|MAX_JOBS|OUT|RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|GROUP_RANK|GROUP_WORLD_SIZE"
+    r"|ROLE_RANK|ROLE_NAME|ROLE_WORLD_SIZE|MASTER_ADDR|MASTER_PORT"
+    r"|(CUDA|TORCH|TORCHELASTIC|TORCHINDUCTOR|NCCL|OMP|MKL|KMP|PYTHON|TRITON|NVIDIA|LC|LD|XDG|SSH|GIT|CONDA|PIP)(_.*|[A-Z]*))"
+)
+
+
+def _close_to(name: str, known: str) -> bool:
+    """A typo (difflib's similarity), a prefix or a word of the name (ITER, WARMDOWN), or an
+    abbreviation by leaving letters out (ITERS for ITERATIONS)."""
+    if difflib.SequenceMatcher(None, name, known).ratio() >= 0.8:
+        return True
+    if len(name) < 4:
+        return False
+    letters = iter(known)
+    abbreviates = name[0] == known[0] and all(c in letters for c in name) and 2 * len(name) >= len(known.replace("_", ""))
+    return known.startswith(name) or name in known.split("_") or abbreviates
+
+
 def check_for_misspelled_variables(environ, known: list[str]):
-    """Refuses an environment variable that is almost the name of a hyperparameter (a typo such as
-    MAX_WALLCLOK_SECONDS would otherwise be ignored and the run would use the default)."""
+    """Refuses an environment variable written like a hyperparameter and close to the name of
+    one (a typo such as MAX_WALLCLOK_SECONDS or ITERS would otherwise be ignored and the run
+    would use the default), naming the closest; the ordinary environment always passes."""
     known_set = set(known)
     for name in environ:
-        if name in known_set:
+        if name in known_set or ORDINARY_VARIABLES.fullmatch(name):
             continue
         if name in RENAMED_VARIABLES:
             raise ValueError(f"{name}: renamed to {RENAMED_VARIABLES[name]}; set that instead (unset {name} to run)")
@@ -309,7 +330,9 @@ def check_for_misspelled_variables(environ, known: list[str]):
             raise ValueError(f"{name}: removed: {REMOVED_VARIABLES[name]} (unset {name} to run)")
         if name.upper() in known_set:
             raise ValueError(f"{name}: hyperparameter variables are upper case; did you mean {name.upper()}?")
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+            continue
+        close = sorted((k for k in known if _close_to(name, k)), key=lambda k: -difflib.SequenceMatcher(None, name, k).ratio())
         if close:
             raise ValueError(f"{name}: not a hyperparameter; did you mean {close[0]}? (unset {name} to run)")
 

@@ -1,6 +1,7 @@
 """Hyperparameters: defaults, environment overrides, and every rejection names its variable."""
 
 import dataclasses
+import os
 import re
 
 import pytest
@@ -124,6 +125,10 @@ def test_incompatible_combinations_name_the_variable(env, world_size, message):
         ("EMA_DECAYY", "did you mean EMA_DECAY?"),
         ("WARMDOWN_FRACTION", "did you mean WARMDOWN_FRAC?"),
         ("max_wallclock_seconds", "max_wallclock_seconds: hyperparameter variables are upper case; did you mean MAX_WALLCLOCK_SECONDS?"),
+        ("ITERS", "ITERS: not a hyperparameter; did you mean ITERATIONS?"),  # an abbreviation
+        ("WARMDOWN", "did you mean WARMDOWN_FRAC?"),  # a prefix
+        ("LORA_RANK", "did you mean LORA_TTT_RANK?"),
+        ("QK_GAIN", "did you mean QK_GAIN_INIT?"),
     ],
 )
 def test_misspelled_variable_is_refused(name, message):
@@ -132,8 +137,10 @@ def test_misspelled_variable_is_refused(name, message):
 
 
 def test_unrelated_environment_variables_pass():
-    launcher = "PATH HOME CUDA_VISIBLE_DEVICES NCCL_DEBUG OMP_NUM_THREADS MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK ROLE_RANK TORCHELASTIC_RUN_ID TORCHINDUCTOR_CACHE_DIR PYTHONPATH LD_LIBRARY_PATH"
-    tg.Hyperparameters.from_env(dict.fromkeys(launcher.split(), "1"))
+    launcher = "PATH HOME CUDA_VISIBLE_DEVICES NCCL_DEBUG OMP_NUM_THREADS MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK ROLE_RANK TORCHELASTIC_RUN_ID TORCHINDUCTOR_CACHE_DIR PYTHONPATH LD_LIBRARY_PATH MAX_JOBS TRITON_CACHE_DIR PYTHONUNBUFFERED"
+    shell = "USER SHELL TERM LANG PWD OLDPWD SHLVL HOSTNAME LOGNAME MAIL EDITOR PAGER DISPLAY TMPDIR TZ COLUMNS LINES LS_COLORS PS1 SSH_AUTH_SOCK SUDO_USER CI GITHUB_ACTIONS HF_HOME HF_TOKEN WANDB_API_KEY CUDA_HOME SLURM_JOB_ID SLURM_PROCID VIRTUAL_ENV NODE_RANK OUT TOKENIZERS_PARALLELISM"
+    tg.Hyperparameters.from_env(dict.fromkeys(launcher.split() + shell.split(), "1"))
+    tg.Hyperparameters.from_env(dict(os.environ))  # this machine's own
 
 
 @pytest.mark.parametrize("run_id", ["../../x", "a/b", "..", "c:\\x"])
@@ -186,12 +193,27 @@ def test_readme_quick_run_writes_data_and_valid_settings(tmp_path, monkeypatch):
 
     assert "python3 tests/tiny_data.py /tmp/tiny && env $(cat /tmp/tiny/quick_run.env) python3 train_gpt.py" in (ROOT / "README.md").read_text()
     monkeypatch.setattr("sys.argv", ["tiny_data.py", str(tmp_path)])
-    runpy.run_path(str(ROOT / "tests" / "tiny_data.py"), run_name="__main__")
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(ROOT / "tests" / "tiny_data.py"), run_name="__main__")
+    assert done.value.code == 0
     env = dict(item.split("=", 1) for item in (tmp_path / "quick_run.env").read_text().split())
     h = tg.Hyperparameters.from_env(env)
     h.validate(1)
     assert h.data_dir == str(tmp_path) and len(tg.find_shards(h, "train")) == 2
     tg.load_tokenizer(tg.tokenizer_path(h), h.vocab_size)
+
+
+def test_tiny_data_explains_itself_and_refuses_options(tmp_path, monkeypatch, capsys):
+    """--help prints the usage and writes nothing; an unknown option is refused in one line
+    (never taken for the output folder)."""
+    import tiny_data
+
+    monkeypatch.chdir(tmp_path)
+    assert tiny_data.main(["--help"]) == 0 and "usage: python3 tests/tiny_data.py OUTPUT_DIR" in capsys.readouterr().out
+    for argv in (["--bogus"], [], ["a", "b"]):
+        assert tiny_data.main(argv) == 2
+        assert len(capsys.readouterr().err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_section_map_matches_the_section_banners():

@@ -77,11 +77,21 @@ def write_tiny_dataset(root: Path):
     return sp
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python3 tests/tiny_data.py OUTPUT_DIR")
-    out = Path(sys.argv[1]).resolve()
+def main(argv: list[str]) -> int:
+    usage = "usage: python3 tests/tiny_data.py OUTPUT_DIR"
+    if argv in (["-h"], ["--help"]):
+        print(f"{usage}\n{__doc__}")
+        return 0
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(f"{usage} (got {' '.join(argv) or 'no arguments'}; --help for more)", file=sys.stderr)
+        return 2
+    out = Path(argv[0]).resolve()
     write_tiny_dataset(out)
     env = {"DATA_DIR": str(out), **QUICK_RUN_ENV}
     (out / "quick_run.env").write_text(" ".join(f"{k}={v}" for k, v in env.items()) + "\n")
     print(f"wrote {out} and {out / 'quick_run.env'}; run:  env $(cat {out / 'quick_run.env'}) python3 train_gpt.py")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -2692,6 +2692,7 @@ def frozen_weights(model: GPT):
 
 
 UNLIMITED = 1 << 62
+PROGRESS_SECONDS = 30  # LoRA TTT logs its progress this often
 
 
 class ChunkPlan(NamedTuple):
@@ -2714,6 +2715,13 @@ class ChunkPlan(NamedTuple):
         return -(-short // self.chunk) + -(-(length - short) // self.long_chunk)
 
 
+def projected_seconds(plan: ChunkPlan, lengths: list[int], step_seconds: float, rows: int) -> float:
+    """LoRA TTT's time per rank under `plan`: its rows (all ranks') advance together, one step per
+    chunk, and a document's chunks run one after another."""
+    chunks = [plan.chunks(n) for n in lengths]
+    return step_seconds * max(max(chunks, default=0), sum(chunks) / rows)
+
+
 def lora_ttt_plan(lengths: list[int], h: Hyperparameters, step_seconds: float | None, world_size: int) -> tuple[ChunkPlan, str]:
     """The time plan: LoRA TTT's rows advance together, one forward and backward per chunk, so its
     time per rank is about step_seconds x max(the longest document's chunks, all chunks / (rows x
@@ -2726,8 +2734,7 @@ def lora_ttt_plan(lengths: list[int], h: Hyperparameters, step_seconds: float | 
     rows = h.lora_ttt_batch_docs * world_size
 
     def projected(plan: ChunkPlan) -> float:
-        chunks = [plan.chunks(n) for n in lengths]
-        return step_seconds * max(max(chunks, default=0), sum(chunks) / rows)
+        return projected_seconds(plan, lengths, step_seconds, rows)
 
     for span in [UNLIMITED] + [1 << k for k in range(20, -1, -1)] + [0]:
         plan = ChunkPlan(h.lora_ttt_chunk_tokens, h.lora_ttt_long_chunk_tokens, span)
@@ -2739,7 +2746,7 @@ def lora_ttt_plan(lengths: list[int], h: Hyperparameters, step_seconds: float | 
     return plan, f"even chunks of {plan.long_chunk} everywhere cannot fit the {h.lora_ttt_budget_seconds:.0f}s budget (projected {projected(plan):.0f}s): adaptation stops after {max_steps} steps of a document, the rest is scored without it"
 
 
-def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, target_bytes: torch.Tensor, claim, h: Hyperparameters, acc: _Accumulator, plan: ChunkPlan, stream_hints: torch.Tensor | None = None, trace=None) -> int:
+def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, target_bytes: torch.Tensor, claim, h: Hyperparameters, acc: _Accumulator, plan: ChunkPlan, stream_hints: torch.Tensor | None = None, trace=None, progress=None) -> int:
     """Scores documents (target ranges) chunk by chunk (the plan's grid) in LORA_TTT_BATCH_DOCS
     rows, each row with its own adapters, one AdamW step after each chunk (none after a
     document's last, nor past the plan's max_steps). A row
@@ -2748,7 +2755,8 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, target_bytes: torch.Te
     shape, rows x LoRA TTT's window, so a single compiled graph serves the whole evaluation. With
     NGRAM_TILT_BETA the scores are tilted towards each target's n-gram hint (stream_hints, per
     target); the steps learn from
-    the untilted loss. Returns the number of steps."""
+    the untilted loss. progress(), if given, is called once per chunk (the log's progress line).
+    Returns the number of steps."""
     device, seq_len, rows = tokens.device, h.lora_ttt_window(), h.lora_ttt_batch_docs
     adapters = DocumentAdapters(model, rows, h.lora_ttt_rank, h.lora_ttt_alpha, tuple(h.lora_ttt_targets.split(",")))
     optimizer = RowAdamW(adapters.parameters(), rows, h.lora_ttt_lr, h.lora_ttt_beta2, 1e-10, h.lora_ttt_wd)
@@ -2769,6 +2777,8 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, target_bytes: torch.Te
         live = scored_to < end
         if not live.any():
             return steps
+        if progress is not None:
+            progress()
         if new.any():
             new = new.to(device)
             adapters.restart(new)
@@ -2872,14 +2882,25 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     if step_seconds is not None and rt.distributed:  # every rank plans with the slowest rank's step: one plan for all
         step_seconds = all_reduce(torch.tensor(step_seconds, dtype=torch.float64, device=rt.device), dist.ReduceOp.MAX).item()
     plan, plan_line = lora_ttt_plan([e - f for f, e in docs], h, step_seconds, rt.world_size)
+    projected = None if step_seconds is None else projected_seconds(plan, [e - f for f, e in docs], step_seconds, h.lora_ttt_batch_docs * rt.world_size)
     if log is not None:
         log(f"  lora_ttt time plan: {plan_line}")
+    last_progress, latest = [t0], [0]  # the last progress line's time; the batches up to this rank's latest claim
+
+    def progress():  # a line every PROGRESS_SECONDS: LoRA TTT runs for minutes
+        now = time.perf_counter()
+        if log is not None and now - last_progress[0] >= PROGRESS_SECONDS:
+            last_progress[0] = now
+            plan_end = "" if projected is None else f", the plan's projected end {projected:.0f}s"
+            log(f"  lora_ttt: {int(acc.count.item()):,} targets scored on rank {rt.rank}, batches up to {latest[0]} of {len(batches)} claimed, {now - t0:.0f}s elapsed{plan_end}")
 
     def claim_below(limit):
         number = held.pop() if held else queue.claim()
         if number is not None and number >= limit:
             held.append(number)
             return None
+        if number is not None:
+            latest[0] = max(latest[0], number + 1)
         if log is not None and number is not None and number % 10 == 0:
             log(f"  lora_ttt: batch {number}/{len(batches)} claimed by rank {rt.rank} at {time.perf_counter() - t0:.0f}s")
         return None if number is None else batches[number]
@@ -2896,7 +2917,7 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     train_steps = 0
     for limit in [*boundaries, len(batches)]:
         with frozen_weights(model):
-            train_steps += _lora_ttt_documents(model, tokens, target_bytes, lambda: claim_below(limit), h, acc, plan, stream_hints, trace)
+            train_steps += _lora_ttt_documents(model, tokens, target_bytes, lambda: claim_below(limit), h, acc, plan, stream_hints, trace, progress)
         if limit < len(batches):
             t_phase, scored = time.perf_counter(), [d for batch in batches[:limit] for d in batch]
             steps = global_sgd_phase(model, tokens, scored, h, rt)

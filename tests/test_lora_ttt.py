@@ -4,6 +4,7 @@ AdamW step uses only targets already counted; documents never see each other; ra
 import copy
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -600,3 +601,20 @@ def test_a_planned_grid_scores_every_target_once_and_stays_causal(tiny_data):
     nll = _planned_scores(longer, tables, plan)
     assert torch.equal(nll[:t], base[:t]), "a score before the inserted tokens moved"  # target t is now a filler token
     assert torch.equal(nll[end + len(filler) :], base[end:]), "a later document's score moved"
+
+
+def test_progress_is_logged_every_progress_seconds(tiny_data, monkeypatch):
+    """A line at least every PROGRESS_SECONDS of LoRA TTT (here 0: every chunk), with the targets
+    scored so far (never decreasing), the batches claimed, the time and the plan's projected end."""
+    tokens, tables, _ = _documents(tiny_data)
+    monkeypatch.setattr(tg, "PROGRESS_SECONDS", 0.0)
+    lines = []
+    tg.evaluate_lora_ttt(_model(), tokens, tg.validation_target_bytes(tokens, tables), _h(), CPU, log=lines.append, step_seconds=0.01)
+    progress = [line for line in lines if "targets scored on rank 0" in line]
+    scored = [int(re.search(r"lora_ttt: ([\d,]+) targets", line).group(1).replace(",", "")) for line in progress]
+    assert len(progress) > 10 and scored == sorted(scored) and scored[-1] < len(tokens) - 1
+    assert all("batches up to" in line and "s elapsed" in line and "the plan's projected end" in line for line in progress)
+    monkeypatch.setattr(tg, "PROGRESS_SECONDS", 30.0)
+    lines.clear()
+    tg.evaluate_lora_ttt(_model(), tokens, tg.validation_target_bytes(tokens, tables), _h(), CPU, log=lines.append)
+    assert not any("targets scored on rank" in line for line in lines)  # a run shorter than 30 s has none

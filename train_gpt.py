@@ -2155,6 +2155,19 @@ def pack_artifact(qstate: dict, h: Hyperparameters, looping: bool) -> bytes:
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + stream + rest
 
 
+def check_artifact(path: Path, h: Hyperparameters):
+    """EVAL_ONLY's artifact, read whole before any work: a missing, empty, truncated or foreign
+    file, or one made for other model settings, is one clear error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"ARTIFACT_PATH={str(path)!r}: no such file")
+    data = path.read_bytes()
+    try:
+        unpack_artifact(data, h)
+    except Exception as err:  # whatever garbage makes the decoder raise
+        reason = "empty" if not data else err if isinstance(err, ValueError) and str(err).startswith("artifact") else f"not a complete artifact of this script ({type(err).__name__}: {err})"
+        raise ValueError(f"ARTIFACT_PATH={str(path)!r} ({len(data):,} bytes): {reason}") from None
+
+
 def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Tensor], bool]:
     """Inverse of pack_artifact: the dequantized state dict (fp32) and the looping flag."""
     if not data.startswith(ARTIFACT_MAGIC):
@@ -3154,8 +3167,8 @@ def run(h: Hyperparameters, rt: Runtime, log: Logger, files: RunFiles):
         train_files = [] if h.eval_only else find_shards(h, "train")
         for f in train_files:
             read_shard(f)  # the header and size of every shard, before the clock
-        if h.eval_only and not files.artifact.is_file():
-            raise FileNotFoundError(f"ARTIFACT_PATH={h.artifact_path!r}: no such file")
+        if h.eval_only:
+            check_artifact(files.artifact, h)
     log_environment(h, rt, log)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)

@@ -145,6 +145,29 @@ def test_quant_ab_remakes_the_runs_artifact_from_its_checkpoint(smoke_run, tmp_p
     assert bad.returncode != 0 and "x: not hyperparameters: GPTQ_CALIB" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("empty", "(0 bytes): empty"),
+        ("truncated", "(10,000 bytes): artifact: corrupt rANS stream"),
+        ("random", "(20,000 bytes): artifact: bad magic"),
+        ("other model", "artifact was trained with MODEL_DIM=32, but MODEL_DIM=64 now"),
+    ],
+)
+def test_a_bad_artifact_is_one_line_before_any_work(smoke_run, tmp_path, kind, message):
+    """EVAL_ONLY with an artifact that is empty, cut short, not one at all or made for another
+    model: one line on stderr, exit 2, nothing printed before it (no settings dump, no traceback)."""
+    cwd, root, _ = smoke_run
+    good = (cwd / "final_model.pgq").read_bytes()
+    data = {"empty": b"", "truncated": good[:10_000], "random": bytes(range(256)) * 78 + bytes(32), "other model": good}[kind]
+    artifact = tmp_path / "x.pgq"
+    artifact.write_bytes(data)
+    extra = dict(MODEL_DIM="64") if kind == "other model" else {}
+    proc = run_script(ROOT / "train_gpt.py", tmp_path, root, EVAL_ONLY="1", ARTIFACT_PATH=str(artifact), **extra)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and message in proc.stderr, proc.stderr[-2000:]
+
+
 def test_self_extracting_copy_evaluates_the_artifact_identically(smoke_run, tmp_path):
     cwd, root, proc = smoke_run
     packed = tmp_path / "train_gpt.py"

@@ -458,6 +458,14 @@ class RunFiles:
         return self.folder / "submission.json"
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with where it came: a training step or a stage of the pipeline."""
+
+    def __init__(self, where: str):
+        super().__init__(where)
+        self.where = where
+
+
 class StageTimer:
     """Times the pipeline's stages (synchronising the device) and logs each one."""
 
@@ -468,7 +476,12 @@ class StageTimer:
     def __call__(self, name: str):
         synchronize(self.device)
         t0 = time.perf_counter()
-        yield
+        try:
+            yield
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:
+            raise Interrupted(f"in stage {name}") from None
         synchronize(self.device)
         self.seconds[name] = time.perf_counter() - t0
         self.log(f"stage {name}: {self.seconds[name]:.2f}s")
@@ -1625,33 +1638,36 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
     compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     log(f"training: budget {budget:.1f}s (MAX_WALLCLOCK_SECONDS {h.max_wallclock_seconds} - GPTQ_RESERVE_SECONDS {h.gptq_reserve_seconds}), {tokens_per_step} tokens/step, {accum} micro-steps of {h.train_batch_tokens // (accum * rt.world_size * h.train_seq_len)} sequences per rank")
     t0 = clock()
-    while (reason := stop_reason(step, elapsed, last_step_seconds, budget, h.iterations)) is None:
-        frac = training_progress(step, elapsed, budget, h.iterations)
-        settings = step_settings(step, frac, h, switched_at)
-        if settings.seq_len != loader.seq_len:
-            if step > 0:
-                switched_at = step
-                settings = step_settings(step, frac, h, switched_at)
-                log(f"step {step}: training length {loader.seq_len} -> {settings.seq_len} at {elapsed:.1f}s ({frac:.0%} of training); LR re-warmed over {h.seq_rewarm_steps} steps")
-            loader.set_seq_len(settings.seq_len, tokens_per_step // (rt.world_size * accum * settings.seq_len))
-        if settings.looping and not model.looping:
-            log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of training), order {virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops)}")
-        model.looping = looping = settings.looping
-        loss = train_step(model, optimizers, loader, h, rt, accum, settings.lr_mult, settings.momentum, settings.wd_mult)
-        ema.update()
-        step += 1
-        loss_sum = loss if loss_sum is None else loss_sum + loss
-        now = agreed_elapsed(t0, rt, clock)
-        last_step_seconds, elapsed = now - elapsed, now
-        phase_tokens[looping] += tokens_per_step
-        phase_seconds[looping] += last_step_seconds
-        window_t += last_step_seconds
-        window_steps += 1
-        if step % h.log_every == 0 or step <= 5:
-            tok_s = window_steps * tokens_per_step / window_t
-            mfu = "" if peak is None else f" mfu {100 * tok_s * flops_per_token(h, len(model.layer_order())) / (peak * rt.world_size):.1f}%"
-            log(f"step {step} loss {loss_sum.item() / window_steps:.4f} lr_mult {settings.lr_mult:.3f} {tok_s:,.0f} tok/s{mfu} (run average {step * tokens_per_step / elapsed:,.0f}) elapsed {elapsed:.1f}s")
-            loss_sum, window_t, window_steps = None, 0.0, 0
+    try:
+        while (reason := stop_reason(step, elapsed, last_step_seconds, budget, h.iterations)) is None:
+            frac = training_progress(step, elapsed, budget, h.iterations)
+            settings = step_settings(step, frac, h, switched_at)
+            if settings.seq_len != loader.seq_len:
+                if step > 0:
+                    switched_at = step
+                    settings = step_settings(step, frac, h, switched_at)
+                    log(f"step {step}: training length {loader.seq_len} -> {settings.seq_len} at {elapsed:.1f}s ({frac:.0%} of training); LR re-warmed over {h.seq_rewarm_steps} steps")
+                loader.set_seq_len(settings.seq_len, tokens_per_step // (rt.world_size * accum * settings.seq_len))
+            if settings.looping and not model.looping:
+                log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of training), order {virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops)}")
+            model.looping = looping = settings.looping
+            loss = train_step(model, optimizers, loader, h, rt, accum, settings.lr_mult, settings.momentum, settings.wd_mult)
+            ema.update()
+            step += 1
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            now = agreed_elapsed(t0, rt, clock)
+            last_step_seconds, elapsed = now - elapsed, now
+            phase_tokens[looping] += tokens_per_step
+            phase_seconds[looping] += last_step_seconds
+            window_t += last_step_seconds
+            window_steps += 1
+            if step % h.log_every == 0 or step <= 5:
+                tok_s = window_steps * tokens_per_step / window_t
+                mfu = "" if peak is None else f" mfu {100 * tok_s * flops_per_token(h, len(model.layer_order())) / (peak * rt.world_size):.1f}%"
+                log(f"step {step} loss {loss_sum.item() / window_steps:.4f} lr_mult {settings.lr_mult:.3f} {tok_s:,.0f} tok/s{mfu} (run average {step * tokens_per_step / elapsed:,.0f}) elapsed {elapsed:.1f}s")
+                loss_sum, window_t, window_steps = None, 0.0, 0
+    except KeyboardInterrupt:
+        raise Interrupted(f"at training step {step}") from None
     log(f"stopped after {step} steps, {elapsed:.1f}s: {reason}")
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled_before
     if compiled:  # every shape and loop mode should have compiled in the warm-up, before the clock
@@ -2160,6 +2176,8 @@ def check_artifact(path: Path, h: Hyperparameters):
     file, or one made for other model settings, is one clear error."""
     if not path.is_file():
         raise FileNotFoundError(f"ARTIFACT_PATH={str(path)!r}: no such file")
+    if path.stat().st_size >= ARTIFACT_LIMIT_BYTES:
+        return  # the size check refuses it, with the code counted, before anything is scored
     data = path.read_bytes()
     try:
         unpack_artifact(data, h)
@@ -3141,11 +3159,21 @@ def main(argv: list[str] = ()) -> int:
             dist.broadcast_object_list(run_id, 0)
         h.run_id = run_id[0]
     files = RunFiles.of(h)
+    fresh = not files.folder.exists()
     log = Logger(files.log if rt.is_main else None)
     try:
         run(h, rt, log, files)
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, in the log too, and the shell's exit code
+        log(f"interrupted {err.where if isinstance(err, Interrupted) else 'while setting up'}; partial outputs in {files.folder}")
+        return 130
+    except SetupError:  # found before any work: no run folder is left (the one line says it all)
+        if rt.is_main and fresh and files.folder.is_dir() and not any(files.folder.iterdir()):
+            files.folder.rmdir()
+        raise
     except Exception as err:
         log.record(f"error: {err}")  # the log file keeps the reason the run ended (stderr has it once)
+        if rt.is_main:
+            err.add_note(f"the run's log, with this error: {files.log}")
         raise
     if rt.distributed:
         dist.destroy_process_group()
@@ -3247,6 +3275,8 @@ def run(h: Hyperparameters, rt: Runtime, log: Logger, files: RunFiles):
     )
     if rt.is_main:
         files.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"outputs in {files.folder}: {files.log.name} (this log), {files.summary.name}, the artifact {files.artifact}")
+    log(f"artifact {total:,} bytes of the {ARTIFACT_LIMIT_BYTES:,} limit; evaluation {eval_total:.1f}s strict, {eval_scored:.1f}s by the records' count, of {EVAL_LIMIT_SECONDS:.0f}s")
     log(f"final val_bpb {final.bpb:.5f} ({final_stage})")
 
 

@@ -84,6 +84,10 @@ def test_training_run_reaches_the_end_and_writes_its_log(smoke_run):
     ]:
         assert expected in log, expected
     assert log == proc.stdout  # rank 0 prints exactly what it logs
+    last = log.splitlines()[-3:]  # where the outputs are, the size and times against the limits, the score
+    assert last[0] == f"outputs in runs/smoke: smoke.txt (this log), submission.json, the artifact runs/smoke/final_model.pgq"
+    assert re.fullmatch(r"artifact [\d,]+ bytes of the 16,000,000 limit; evaluation [\d.]+s strict, [\d.]+s by the records' count, of 600s", last[1])
+    assert last[2].startswith("final val_bpb ")
 
 
 def test_submission_json(smoke_run):
@@ -225,8 +229,9 @@ def _break_data(kind, data_dir, tmp_path):
     ],
 )
 def test_bad_data_ends_the_run_with_the_reason_in_the_log(tiny_data, tmp_path, monkeypatch, kind, message):
-    """In process (no interpreter start-up per case): main() raises the clear error and the log
-    file's last line records it."""
+    """In process (no interpreter start-up per case): main() raises the clear error. One found
+    in the set-up checks leaves no run folder; a bad token, found once training reads it, ends
+    the run with the reason as its log's last line."""
     root, _ = tiny_data
     data_dir = _break_data(kind, root, tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -234,7 +239,51 @@ def test_bad_data_ends_the_run_with_the_reason_in_the_log(tiny_data, tmp_path, m
         monkeypatch.setenv(k, v)
     with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
         tg.main()
-    assert (tmp_path / "runs" / f"bad_{kind}" / f"bad_{kind}.txt").read_text().splitlines()[-1] == f"error: {err.value}"
+    folder = tmp_path / "runs" / f"bad_{kind}"
+    if kind == "token":
+        assert (folder / f"bad_{kind}.txt").read_text().splitlines()[-1] == f"error: {err.value}"
+    else:
+        assert not folder.exists()
+
+
+def test_ctrl_c_is_one_line_in_the_log_and_exit_130(tiny_data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during training: no traceback, one line naming the step and the run folder (in the
+    log too), and the shell's code for an interrupt."""
+    root, _ = tiny_data
+    monkeypatch.chdir(tmp_path)
+    for k, v in {**TINY_ENV, "DATA_DIR": str(root), "RUN_ID": "stopped", "PACK_CODE": "0"}.items():
+        monkeypatch.setenv(k, v)
+    step = tg.train_step
+    calls = []
+
+    def interrupted_at_the_fourth(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return step(*args, **kw)
+
+    monkeypatch.setattr(tg, "train_step", interrupted_at_the_fourth)
+    monkeypatch.setattr(tg, "warm_up", lambda *a, **k: None)
+    assert tg.main() == 130
+    folder = tmp_path / "runs" / "stopped"
+    line = f"interrupted at training step 3; partial outputs in {folder.relative_to(tmp_path)}"
+    assert capsys.readouterr().out.splitlines()[-1] == line
+    assert (folder / "stopped.txt").read_text().splitlines()[-1] == line
+
+
+def test_a_failed_run_says_where_its_log_is(tiny_data, tmp_path, monkeypatch):
+    """An error past the set-up: the log keeps it, and the exception's note names the log."""
+    root, _ = tiny_data
+    monkeypatch.chdir(tmp_path)
+    for k, v in {**TINY_ENV, "DATA_DIR": str(root), "RUN_ID": "broken", "PACK_CODE": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(tg, "warm_up", lambda *a, **k: None)
+    monkeypatch.setattr(tg, "train_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory") as err:
+        tg.main()
+    log = tmp_path / "runs" / "broken" / "broken.txt"
+    assert log.read_text().splitlines()[-1] == "error: out of memory"
+    assert err.value.__notes__ == [f"the run's log, with this error: {log.relative_to(tmp_path)}"]
 
 
 def test_help_prints_every_hyperparameter_and_touches_nothing(tmp_path, monkeypatch, capsys):

@@ -534,8 +534,16 @@ def tokenizer_path(h: Hyperparameters) -> Path:
     return Path(h.data_dir) / "tokenizers" / f"fineweb_{h.vocab_size}_bpe.model"
 
 
+CHALLENGE_REPOSITORY = "https://github.com/openai/parameter-golf"
+CHALLENGE_VOCABULARIES = (1024, 8192)  # the tokenizers the challenge's download script offers
+
+
 def download_hint(h: Hyperparameters) -> str:
-    return f"download it from the challenge repository root with `python3 data/cached_challenge_fineweb.py --variant sp{h.vocab_size}` (it writes ./data/), or point DATA_DIR at it"
+    """Where data of this VOCAB_SIZE comes from: the challenge's download, or (any other size,
+    as the quick run's 320) the synthetic corpus of tests/tiny_data.py."""
+    if h.vocab_size in CHALLENGE_VOCABULARIES:
+        return f"download it: in a clone of {CHALLENGE_REPOSITORY}, `python3 data/cached_challenge_fineweb.py --variant sp{h.vocab_size}` writes ./data/; or point DATA_DIR at it"
+    return f"VOCAB_SIZE={h.vocab_size} is not one of the challenge's downloads ({', '.join(f'sp{v}' for v in CHALLENGE_VOCABULARIES)}); `python3 tests/tiny_data.py DIR` writes the quick run's synthetic corpus, or point DATA_DIR at shards of your own"
 
 
 def check_data_dir(h: Hyperparameters):

@@ -43,9 +43,14 @@ def test_shard_rejections_name_the_file(tmp_path, mutate, message):
 
 
 def test_missing_data_dir_says_how_to_download(tmp_path):
+    """The hint fits the vocabulary: the challenge's download for its sizes, the synthetic corpus
+    for the quick run's."""
     h = tiny_hyperparameters(data_dir=str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match=r"DATA_DIR='.*nowhere': directory not found; download it .*cached_challenge_fineweb.py --variant sp320"):
+    with pytest.raises(FileNotFoundError, match=r"DATA_DIR='.*nowhere': directory not found; VOCAB_SIZE=320 is not one of the challenge's downloads \(sp1024, sp8192\); `python3 tests/tiny_data.py DIR`"):
         tg.check_data_dir(h)
+    for vocab in (1024, 8192):
+        with pytest.raises(FileNotFoundError, match=rf"download it: in a clone of https://github.com/openai/parameter-golf, `python3 data/cached_challenge_fineweb.py --variant sp{vocab}`"):
+            tg.check_data_dir(tg.Hyperparameters(data_dir=str(tmp_path / "nowhere"), vocab_size=vocab))
 
 
 def test_missing_directory_and_empty_glob(tmp_path):

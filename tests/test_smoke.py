@@ -223,7 +223,7 @@ def _break_data(kind, data_dir, tmp_path):
 @pytest.mark.parametrize(
     "kind, message",
     [
-        ("missing", r"DATA_DIR='.*nowhere': directory not found; download it from the challenge repository root with `python3 data/cached_challenge_fineweb.py --variant sp320`"),
+        ("missing", r"DATA_DIR='.*nowhere': directory not found; VOCAB_SIZE=320 is not one of the challenge's downloads"),
         ("tokenizer", r"tokenizer .*broken_tokenizer/tokenizers/fineweb_320_bpe.model \(DATA_DIR/tokenizers/fineweb_<VOCAB_SIZE>_bpe.model\) is not a readable sentencepiece model"),
         ("token", r"broken_token/datasets/fineweb10B_sp320/fineweb_train_000001.bin: training token id 400 >= VOCAB_SIZE=320"),
     ],
@@ -333,7 +333,7 @@ def test_a_bad_data_dir_is_reported_once_before_anything_else(tiny_data, tmp_pat
     root, _ = tiny_data
     proc = run_script(ROOT / "train_gpt.py", tmp_path, tmp_path / "nowhere")
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.splitlines() == [f"train_gpt.py: error: DATA_DIR={str(tmp_path / 'nowhere')!r}: directory not found; download it from the challenge repository root with `python3 data/cached_challenge_fineweb.py --variant sp320` (it writes ./data/), or point DATA_DIR at it"]
+    assert proc.stderr.splitlines() == [f"train_gpt.py: error: DATA_DIR={str(tmp_path / 'nowhere')!r}: directory not found; {tg.download_hint(tg.Hyperparameters(vocab_size=320))}"]
 
 
 def test_only_rank_0_reports_a_setup_error(tiny_data, tmp_path):

@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -115,9 +116,25 @@ def strict_eval_seconds(run: dict) -> float:
     return sum(run["stage_seconds"].get(stage, 0.0) for stage in EVAL_STAGES)
 
 
-def check_runs(runs: list[dict], code: bytes):
-    """Every refusal the challenge's rules imply, with the run it concerns."""
+RECORD_HARDWARE = re.compile(r".*H100.* x8")  # the challenge's machine, as train_gpt.py's summary names it
+
+
+def check_runs(runs: list[dict], code: bytes, not_a_record: bool = False):
+    """Every refusal the challenge's rules imply, with the run it concerns: one run per folder
+    and per seed, the record's hardware (unless not_a_record: an example), the limits and one
+    counted code."""
+    folders = [r["folder"].resolve() for r in runs]
+    for i, folder in enumerate(folders):
+        if folder in folders[:i]:
+            raise RecordRefused(f"{runs[i]['folder']} is given twice: one run counts once")
+    seeds = {}
     for r in runs:
+        if r["seed"] in seeds:
+            raise RecordRefused(f"{seeds[r['seed']]} and {r['folder']} both ran seed {r['seed']}: a record needs one run per seed")
+        seeds[r["seed"]] = r["folder"]
+    for r in runs:
+        if not not_a_record and not RECORD_HARDWARE.fullmatch(r.get("hardware", "")):
+            raise RecordRefused(f"{r['folder']}: ran on {r.get('hardware', 'unknown hardware')!r}, not 8xH100; --not-a-record makes an example folder")
         if r["artifact_bytes"]["total"] >= ARTIFACT_LIMIT_BYTES:
             raise RecordRefused(f"{r['folder']}: artifact {r['artifact_bytes']['total']:,} bytes, not under {ARTIFACT_LIMIT_BYTES:,}")
         if r["train_seconds"] > TIME_LIMIT_SECONDS:
@@ -136,11 +153,13 @@ def check_runs(runs: list[dict], code: bytes):
         raise RecordRefused("the runs counted a code size other than the --code file's")
 
 
-def readme(runs: list[dict], best: dict, t: float, df: float, p: float) -> str:
+def readme(runs: list[dict], best: dict, t: float, df: float, p: float, not_a_record: bool = False) -> str:
     losses = [r["val_loss"] for r in runs]
     bpbs = [r["val_bpb"] for r in runs]
     stages = [k for k in ("raw", "ema", "quantized", "sliding", "lora_ttt", "ttt") if all(k in r["val_bpb_stages"] for r in runs)]
-    lines = ["# Record submission", "", "| seed | steps | " + " | ".join(f"{k} bpb" for k in stages) + " | val_loss (nats) | train s | eval s (first scored token to score) | eval s (strict: load, compile, every stage) | artifact bytes |", "|" + " --- |" * (len(stages) + 7)]
+    hardware = sorted({r.get("hardware", "unknown") for r in runs})
+    title = "# Example submission (not a record: --not-a-record)" if not_a_record else "# Record submission"
+    lines = [title, "", f"Hardware: {', '.join(hardware)} (from the runs' logs); torch {', '.join(sorted({str(r.get('torch', '?')) for r in runs}))}.", "", "| seed | steps | " + " | ".join(f"{k} bpb" for k in stages) + " | val_loss (nats) | train s | eval s (first scored token to score) | eval s (strict: load, compile, every stage) | artifact bytes |", "|" + " --- |" * (len(stages) + 7)]
     for r in runs:
         cells = [str(r["seed"]), str(r["steps"])] + [f"{r['val_bpb_stages'][k]:.5f}" for k in stages]
         cells += [f"{r['val_loss']:.5f}", f"{r['train_seconds']:.1f}", f"{eval_seconds(r):.1f}", f"{strict_eval_seconds(r):.1f}", f"{r['artifact_bytes']['total']:,}"]
@@ -164,14 +183,14 @@ def best_from_folder(folder: Path) -> dict:
     return dict(mean=statistics.mean(losses), std=statistics.stdev(losses), n=len(losses))
 
 
-def make_record(run_folders: list[Path], code_path: Path, out: Path, best: dict, requirements: Path) -> str:
+def make_record(run_folders: list[Path], code_path: Path, out: Path, best: dict, requirements: Path, not_a_record: bool = False) -> str:
     if out.exists() and any(out.iterdir()):
         raise RecordRefused(f"{out} exists and is not empty")
     runs = [load_run(f) for f in run_folders]
     code = code_path.read_bytes()
-    check_runs(runs, code)
+    check_runs(runs, code, not_a_record)
     t, df, p = welch_one_sided([r["val_loss"] for r in runs], best["mean"], best["std"], best["n"])
-    text = readme(runs, best, t, df, p)
+    text = readme(runs, best, t, df, p, not_a_record)
     out.mkdir(parents=True, exist_ok=True)
     (out / "README.md").write_text(text)
     (out / "train_gpt.py").write_bytes(code)
@@ -200,6 +219,7 @@ def main():
     ap.add_argument("--best-seeds", type=int)
     ap.add_argument("--best-folder", type=Path, help="instead: a record folder written by this tool")
     ap.add_argument("--requirements", type=Path, default=Path(__file__).with_name("requirements.txt"))
+    ap.add_argument("--not-a-record", action="store_true", help="an example folder from runs not on 8xH100 (the README says so)")
     args = ap.parse_args()
     if args.best_folder:
         best = best_from_folder(args.best_folder)
@@ -208,7 +228,7 @@ def main():
     else:
         ap.error("give --best-loss, --best-std and --best-seeds, or --best-folder")
     try:
-        print(make_record(args.runs, args.code or args.runs[0] / "train_gpt.packed.py", args.out, best, args.requirements))
+        print(make_record(args.runs, args.code or args.runs[0] / "train_gpt.packed.py", args.out, best, args.requirements, args.not_a_record))
     except RecordRefused as err:
         raise SystemExit(f"make_record.py: refused: {err}") from None
 

@@ -132,6 +132,27 @@ def test_refusals_write_nothing(three_runs, changes, message):
     assert not out.exists()
 
 
+def test_one_run_counts_once_and_a_seed_once(three_runs):
+    tmp_path, runs, code = three_runs
+    with pytest.raises(mr.RecordRefused, match="s1 is given twice: one run counts once"):
+        mr.make_record(runs + [runs[0]], code, tmp_path / "record", BEST, ROOT / "requirements.txt")
+    again = _run(tmp_path / "again", 1, 2.7201)
+    with pytest.raises(mr.RecordRefused, match="both ran seed 1: a record needs one run per seed"):
+        mr.make_record(runs + [again], code, tmp_path / "record", BEST, ROOT / "requirements.txt")
+    assert not (tmp_path / "record").exists()
+
+
+def test_a_run_off_the_record_hardware_makes_only_an_example(three_runs):
+    """A CPU or single-GPU run is refused as a record; with --not-a-record the folder is written
+    and its README says it is an example, with the hardware."""
+    tmp_path, runs, code = three_runs
+    cpu = _run(tmp_path / "cpu", 4, 2.7205, hardware="cpu x1")
+    with pytest.raises(mr.RecordRefused, match=r"cpu: ran on 'cpu x1', not 8xH100; --not-a-record makes an example folder"):
+        mr.make_record(runs + [cpu], code, tmp_path / "record", BEST, ROOT / "requirements.txt")
+    text = mr.make_record(runs + [cpu], code, tmp_path / "record", BEST, ROOT / "requirements.txt", not_a_record=True)
+    assert text.startswith("# Example submission (not a record") and "Hardware: NVIDIA H100 80GB HBM3 x8, cpu x1" in text
+
+
 def test_the_limit_holds_on_the_records_count_and_both_counts_are_reported(three_runs):
     """From the first scored token to the final score is what the records count; the strict
     count (load and compile warm-ups too) is reported beside it."""

@@ -199,10 +199,10 @@ def make_record(run_folders: list[Path], code_path: Path, out: Path, best: dict,
         shutil.copy(r["log"], out / f"train_seed{r['seed']}.txt")
     fields = ("run_id", "seed", "steps", "val_bpb", "val_loss", "val_bpb_stages", "train_seconds", "stage_seconds", "artifact_bytes", "code_sha256", "hardware", "torch")
     summary = dict(
-        val_bpb=statistics.mean(r["val_bpb"] for r in runs),
-        val_loss=statistics.mean(r["val_loss"] for r in runs),
+        val_bpb=round(statistics.mean(r["val_bpb"] for r in runs), 6),
+        val_loss=round(statistics.mean(r["val_loss"] for r in runs), 6),
         seeds=[r["seed"] for r in runs],
-        welch=dict(t=t, df=df, p=p, best=best, required_gain_nats=REQUIRED_GAIN_NATS),
+        welch=dict(t=round(t, 4), df=round(df, 2), p=float(f"{p:.4g}"), best=best, required_gain_nats=REQUIRED_GAIN_NATS),
         runs=[{k: r[k] for k in fields if k in r} for r in runs],
     )
     (out / "submission.json").write_text(json.dumps(summary, indent=2) + "\n")

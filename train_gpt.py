@@ -39,6 +39,7 @@ import platform
 import re
 import struct
 import sys
+import textwrap
 import time
 import tokenize
 import uuid
@@ -3086,6 +3087,9 @@ def setup_errors():
         raise SetupError(str(err)) from None
 
 
+HELP_WIDTH = 100  # --help's lines, at most
+
+
 def usage() -> str:
     """--help: what the script is, how to launch it, and every hyperparameter with its default,
     allowed range and meaning, read from the Hyperparameters class (its field comments)."""
@@ -3093,8 +3097,10 @@ def usage() -> str:
     lines = [
         (__doc__ or "train_gpt.py, the Parameter Golf training script (submitted copy)").split("\n\n")[0],  # the copy has no docstrings
         "",
-        "Launch:   torchrun --standalone --nproc_per_node=8 train_gpt.py   (one GPU or a CPU: python3 train_gpt.py)",
-        "Settings: environment variables, NAME=value python3 train_gpt.py; every output goes to OUT_DIR/RUN_ID/.",
+        "Launch:   torchrun --standalone --nproc_per_node=8 train_gpt.py",
+        "          (one GPU or a CPU: python3 train_gpt.py)",
+        "Settings: environment variables, NAME=value python3 train_gpt.py;",
+        "          every output goes to OUT_DIR/RUN_ID/.",
     ]
     width = max(len(f.name) for f in dataclasses.fields(Hyperparameters)) + 1
     section = None
@@ -3104,7 +3110,14 @@ def usage() -> str:
             lines += ["", f"{section}:"] if section else [""]
         default = getattr(Hyperparameters, f.name) if f.default is not dataclasses.MISSING else None
         shown = ("1" if default else "0") if f.type == "bool" else repr(default) if f.type == "str" else f"{default:g}" if f.type == "float" else str(default)
-        lines.append(f"  {f.name.upper():{width}s} {shown:10s} {allowed_values(f):18s} {meanings.get(f.name, '')}".rstrip())
+        allowed, meaning = allowed_values(f), meanings.get(f.name, "")
+        head = f"  {f.name.upper():{width}s} {shown:10s} {allowed:18s}"
+        indent = " " * (2 + width + 1 + 10 + 1 + 18 + 1)  # the meanings' column
+        wrapped = textwrap.wrap(meaning, HELP_WIDTH - len(indent), break_long_words=False, break_on_hyphens=False) or [""]
+        if len(shown) > 10 or len(allowed) > 18:  # a long default or range: the meaning starts on the next line, in its column
+            lines += [head.rstrip()] + [indent + w for w in wrapped if w]
+        else:
+            lines += [f"{head} {wrapped[0]}".rstrip()] + [indent + w for w in wrapped[1:]]
     if not meanings:  # the submitted copy keeps no comments
         lines += ["", "(the meanings are in the comments of the readable train_gpt.py)"]
     return "\n".join(lines)

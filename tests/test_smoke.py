@@ -296,7 +296,12 @@ def test_help_prints_every_hyperparameter_and_touches_nothing(tmp_path, monkeypa
         text = capsys.readouterr().out
         assert text.startswith(tg.__doc__.split("\n\n")[0]) and "torchrun --standalone --nproc_per_node=8 train_gpt.py" in text
         assert "  MAX_WALLCLOCK_SECONDS" in text and "  ATTENTION_BACKEND" in text and "auto|fa3|cudnn" in text
-        assert "\nmodel:\n" in text and "training budget, GPTQ calibration included" in text
+        assert "\nmodel:\n" in text and "training budget, GPTQ calibration included" in " ".join(text.split())  # wrapped
+        column = text.index("names the run folder") - text.rindex("\n", 0, text.index("names the run folder")) - 1
+        for line in text.splitlines():  # meanings wrap in their column; a long default puts its meaning on the next line
+            assert len(line) <= 100 or " " not in line.strip(), line  # only an unbreakable word may pass 100
+            if line.startswith(" " * column):
+                assert line[column] != " ", line
     assert list(tmp_path.iterdir()) == []
 
 
@@ -305,7 +310,7 @@ def test_every_hyperparameter_has_a_meaning_in_help():
     fields = [f.name for f in tg.dataclasses.fields(tg.Hyperparameters)]
     assert [name for name in fields if not meanings.get(name)] == []  # document a new setting where it is defined
     assert set(sections) == set(fields) and sections["seed"] == "run and data" and sections["muon_lr"] == "optimizer"
-    lines = {line.split()[0]: line for line in tg.usage().splitlines() if line.startswith("  ")}
+    lines = {line.split()[0]: line for line in tg.usage().splitlines() if line.startswith("  ") and not line.startswith("    ")}  # not the wrapped meanings
     assert set(lines) == {name.upper() for name in fields}
     assert lines["WARMDOWN_FRAC"].split()[1:3] == [f"{tg.Hyperparameters.warmdown_frac:g}", "[0,"]
     assert lines["EVAL_ONLY"].split()[1:3] == ["0", "0|1"] and lines["RUN_ID"].split()[1] == "''"

@@ -1,4 +1,4 @@
-"""Builds a leaderboard record folder from the runs of one submission, and says whether it clears
+r"""Builds a leaderboard record folder from the runs of one submission, and says whether it clears
 the challenge's bar: at least 0.005 nats better than the best entry, one-sided p < 0.01.
 
     python3 make_record.py --runs runs/seed1 runs/seed2 runs/seed3 --out records/my_entry \
@@ -10,8 +10,9 @@ The folder written: README.md (per-seed table, mean and standard deviation, the 
 verdict), submission.json (the runs and their means), the logs, train_gpt.py (the counted code)
 and requirements.txt. It refuses, writing nothing, if a run's artifact is 16,000,000 bytes or
 more, its training or evaluation (the records' count: first scored token to final score) passed
-600 s, the runs' counted code differs, the file given
-as --code is not that code, or the output folder exists and is not empty.
+600 s, the runs' counted code differs, the file given as --code is not that code, a folder
+is given twice or two runs share a seed, a run is not on 8xH100 (--not-a-record: an example
+folder that says so), or the output folder exists and is not empty.
 """
 
 import argparse

@@ -180,3 +180,11 @@ def test_refuses_code_that_is_not_the_counted_file_and_a_used_folder(three_runs)
     (used / "x").write_text("x")
     with pytest.raises(mr.RecordRefused, match="exists and is not empty"):
         mr.make_record(runs, code, used, BEST, ROOT / "requirements.txt")
+
+
+def test_help_keeps_the_example_on_two_lines(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["make_record.py", "--help"])
+    with pytest.raises(SystemExit):
+        mr.main()
+    text = capsys.readouterr().out
+    assert "--out records/my_entry \\\n        --best-loss 2.7394" in text and "--not-a-record" in text

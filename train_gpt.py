@@ -2584,7 +2584,9 @@ def queue_ngram_hints(tokens: torch.Tensor, docs: list[tuple[int, int]], order: 
     concatenated in the order of `docs` (target ranges), so a target's hint reads only its own
     document's prefix and the documents before it in that order; returned per target of the
     stream (-1 where none)."""
-    positions = torch.cat([torch.arange(first, end, device=tokens.device) for first, end in docs])
+    first, length = torch.tensor([f for f, _ in docs]), torch.tensor([e - f for f, e in docs])
+    within = torch.arange(int(length.sum())) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)  # each target's place in its document
+    positions = (torch.repeat_interleave(first, length) + within).to(tokens.device)  # built on the host, copied once
     hints = torch.full((len(tokens) - 1,), -1, dtype=torch.int64, device=tokens.device)
     hints[positions] = stream_ngram_hints(tokens[positions], tokens[positions + 1], order, min_share, vocab_size)
     return hints
@@ -2794,9 +2796,8 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, target_bytes: torch.Te
     there are no more) and restarts its adapters and optimizer state. Every chunk runs one
     shape, rows x LoRA TTT's window, so a single compiled graph serves the whole evaluation. With
     NGRAM_TILT_BETA the scores are tilted towards each target's n-gram hint (stream_hints, per
-    target); the steps learn from
-    the untilted loss. progress(), if given, is called once per chunk (the log's progress line).
-    Returns the number of steps."""
+    target); the steps learn from the untilted loss. progress(), if given, is called once per
+    chunk (the log's progress line). Returns the number of steps."""
     device, seq_len, rows = tokens.device, h.lora_ttt_window(), h.lora_ttt_batch_docs
     adapters = DocumentAdapters(model, rows, h.lora_ttt_rank, h.lora_ttt_alpha, tuple(h.lora_ttt_targets.split(",")))
     optimizer = RowAdamW(adapters.parameters(), rows, h.lora_ttt_lr, h.lora_ttt_beta2, 1e-10, h.lora_ttt_wd)
@@ -2921,8 +2922,9 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
         log(f"  lora_ttt: {len(docs):,} documents in {len(batches)} batches, {sum(chunks):,} chunks; the longest document {docs[0][1] - docs[0][0]:,} targets ({chunks[0]:,} chunks)")
     if step_seconds is not None and rt.distributed:  # every rank plans with the slowest rank's step: one plan for all
         step_seconds = all_reduce(torch.tensor(step_seconds, dtype=torch.float64, device=rt.device), dist.ReduceOp.MAX).item()
-    plan, plan_line = lora_ttt_plan([e - f for f, e in docs], h, step_seconds, rt.world_size)
-    projected = None if step_seconds is None else projected_seconds(plan, [e - f for f, e in docs], step_seconds, h.lora_ttt_batch_docs * rt.world_size)
+    lengths = [e - f for f, e in docs]
+    plan, plan_line = lora_ttt_plan(lengths, h, step_seconds, rt.world_size)
+    projected = None if step_seconds is None else projected_seconds(plan, lengths, step_seconds, h.lora_ttt_batch_docs * rt.world_size)
     if log is not None:
         log(f"  lora_ttt time plan: {plan_line}")
     last_progress, latest = [t0], [0]  # the last progress line's time; the batches up to this rank's latest claim

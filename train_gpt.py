@@ -113,7 +113,7 @@ class Hyperparameters:
     mlp_mult: int = _param(4, lo=1)  # MLP hidden width = MLP_MULT x MODEL_DIM
     rope_dims: int = _param(16, lo=0)  # head dims rotated by RoPE (partial RoPE); 0: none
     rope_base: float = _param(10000.0, lo=0, lo_open=True)  # RoPE base (rescaled NTK-style past TRAIN_SEQ_LEN)
-    qk_gain_init: float = _param(5.0, lo=0, lo_open=True)  # initial per-head query gain after the q/k RMSNorm
+    qk_gain_init: float = _param(5.25, lo=0, lo_open=True)  # initial per-head query gain after the q/k RMSNorm
     logit_softcap: float = _param(30.0, lo=0, lo_open=True)  # logits are c tanh(z / c)
     tied_embed_init_std: float = _param(0.005, lo=0, lo_open=True)  # init std of the tied embedding
     parallel_from_layer: int = _param(7, lo=0)  # blocks from this one on run attention and MLP in parallel
@@ -122,14 +122,14 @@ class Hyperparameters:
     num_loops: int = _param(2, lo=0)  # extra passes over layers loop_start..loop_end
     loop_start_frac: float = _param(0.35, lo=0, hi=1)  # depth recurrence switches on at this fraction of training
     smear_gate: bool = _param(True)  # mix each token's embedding with the previous one's (not across BOS)
-    attn_gate: bool = _param(True)  # per-head sigmoid gate on the attention output from 12 input dims
-    attn_gate_scale: float = _param(0.5, lo=0)  # s in the attention gate's sigmoid(s W x)
+    attn_gate: bool = _param(False)  # per-head sigmoid gate on the attention output from 12 input dims (#2135: on, at scale 0.5)
+    attn_gate_scale: float = _param(1.0, lo=0)  # s in the attention gate's sigmoid(s W x)
     xsa_gate: bool = _param(False)  # XSA's strength per head learned, tanh(alpha) with alpha 0 at init (so it starts as plain attention); no accepted row uses it
     lanes_from_layer: int = _param(8, lo=0)  # blocks from this one on keep two residual lanes (attention / MLP); 0: one stream
     simctg_weight: float = _param(0.0, lo=0)  # weight of the SimCTG contrastive term in the training loss; 0: off
     simctg_margin: float = _param(0.4, lo=0, hi=1)  # SimCTG's margin: pairs are pushed below cosine 1 - margin
     # optimizer
-    muon_lr: float = _param(0.028, lo=0)  # Muon learning rate (block matrices)
+    muon_lr: float = _param(0.026, lo=0)  # Muon learning rate (block matrices)
     muon_momentum: float = _param(0.97, lo=0, hi=0.9999)  # Muon's Nesterov momentum after the warm-up
     muon_momentum_start: float = _param(0.92, lo=0, hi=0.9999)  # Muon's momentum at step 0
     muon_momentum_warmup_steps: int = _param(1500, lo=0)  # steps over which the momentum rises linearly to MUON_MOMENTUM
@@ -142,10 +142,10 @@ class Hyperparameters:
     scalar_lr: float = _param(0.02, lo=0)  # AdamW learning rate of the gates, scales and other small tensors
     scalar_wd: float = _param(0.02, lo=0)  # AdamW weight decay of the small tensors
     adam_beta1: float = _param(0.9, lo=0, hi=0.9999)  # AdamW beta1
-    adam_beta2: float = _param(0.99, lo=0, hi=0.99999)  # AdamW beta2
+    adam_beta2: float = _param(0.95, lo=0, hi=0.99999)  # AdamW beta2
     adam_eps: float = _param(1e-8, lo=0, lo_open=True)  # AdamW epsilon
     grad_clip_norm: float = _param(0.3, lo=0)  # 0 disables clipping
-    warmdown_frac: float = _param(0.85, lo=0, hi=1)  # the LR decays linearly over this last fraction of training
+    warmdown_frac: float = _param(0.72, lo=0, hi=1)  # the LR decays linearly over this last fraction of training
     min_lr_frac: float = _param(0.10, lo=0, hi=1)  # floor of the LR multiplier during warmdown
     ema_decay: float = _param(0.9965, lo=0, hi=1)  # the weight EMA's decay (its cap; see EMA_POWER)
     ema_power: float = _param(15.0, lo=0)  # early on the EMA averages iterates with weights ~ step^power

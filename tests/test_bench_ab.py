@@ -1,13 +1,21 @@
-"""bench/ab.py's report (the differences every A/B table in the README comes from) and run plan; bench/timing_artifact.py."""
+"""bench/ab.py's report (the differences every A/B table in the README comes from) and run plan;
+bench/eval_ab.py's prefix of the validation set; bench/timing_artifact.py."""
 
 import importlib.util
 import json
+
+import torch
+
+import train_gpt as tg
 
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("ab", ROOT / "bench" / "ab.py")
 ab = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ab)
+spec = importlib.util.spec_from_file_location("eval_ab", ROOT / "bench" / "eval_ab.py")
+eval_ab = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(eval_ab)
 
 
 def _result(out, name, seed, ema, quantized, tok_s=1000):
@@ -73,3 +81,19 @@ def test_timing_artifact_loads_as_a_looping_model():
     model = module.tg.GPT(h)
     model.load_state_dict(state)
     assert looping and set(state) == set(model.state_dict())
+
+
+def test_eval_ab_selection_keeps_whole_documents_in_stream_order():
+    """--docs N keeps the first N documents whole (the last target is the BOS that starts the next
+    document), --max-doc-targets leaves out the longer ones; every kept document keeps its targets'
+    bytes, and the whole set comes back untouched when nothing is left out."""
+    bos = tg.BOS_ID
+    tokens = torch.tensor([bos, 5, 6, bos, 7, bos, 8, 9, 10, bos, 11])
+    nbytes = torch.arange(1.0, len(tokens))  # target k has k + 1 bytes: each target's own
+    kept, kept_bytes = eval_ab.select_documents(tokens, nbytes, 2, None)
+    assert kept.tolist() == [bos, 5, 6, bos, 7, bos] and kept_bytes.tolist() == [1, 2, 3, 4, 5]
+    kept, kept_bytes = eval_ab.select_documents(tokens, nbytes, None, 2)  # documents 2 and 4 (2 and 1 targets)
+    assert kept.tolist() == [bos, 7, bos, 11] and kept_bytes.tolist() == [4, 5, 10]
+    assert tg.document_spans(kept) == [(0, 2), (2, 3)]
+    whole = eval_ab.select_documents(tokens, nbytes, 9, None)
+    assert whole[0] is tokens and whole[1] is nbytes

@@ -186,7 +186,7 @@ def test_init_and_layer_roles():
     assert abs(model.tok_emb.weight.std().item() - h.tied_embed_init_std) < 0.001
     assert [b.parallel for b in model.blocks] == [False, False, False, True]
     assert [round(b.norm_scale.item(), 4) for b in model.blocks] == [round(1 / math.sqrt(i + 1), 4) for i in range(4)]
-    assert torch.allclose(model.blocks[0].attn.q_gain, torch.full((4,), h_small.qk_gain_init)) and h_small.qk_gain_init == 5.0
+    assert torch.allclose(model.blocks[0].attn.q_gain, torch.full((4,), h_small.qk_gain_init)) and h_small.qk_gain_init == tg.Hyperparameters.qk_gain_init
 
 
 def test_loss_uses_softcapped_tied_logits():

@@ -149,6 +149,28 @@ def test_quant_ab_remakes_the_runs_artifact_from_its_checkpoint(smoke_run, tmp_p
     assert bad.returncode != 0 and "x: not hyperparameters: GPTQ_CALIB" in bad.stderr
 
 
+def test_eval_ab_scores_the_runs_artifact_as_the_run_did(smoke_run, tmp_path):
+    """bench/eval_ab.py with the run's settings (variant base=) gives the run's quantized and LoRA
+    TTT scores (the whole set); a variant's setting reaches LoRA TTT; --docs N scores only the
+    first N documents; a model setting or an unknown name is refused in one line."""
+    cwd, root, proc = smoke_run
+    args = ["--artifact", str(cwd / "final_model.pgq"), "--quiet", "--json", str(tmp_path / "ab.json")]
+    ab = run_script(ROOT / "bench" / "eval_ab.py", tmp_path, root, *args, "base=", "beta0=NGRAM_TILT_BETA=0")
+    assert ab.returncode == 0, ab.stderr[-3000:]
+    rows = json.loads((tmp_path / "ab.json").read_text())["results"][str(cwd / "final_model.pgq")]
+    logged = {k: float(v) for k, v in re.findall(r"eval (quantized|lora_ttt): val_loss \S+ val_bpb (\S+)", proc.stdout)}
+    assert rows["base"]["quantized"] == pytest.approx(logged["quantized"], abs=2e-5)
+    assert rows["base"]["lora_ttt"] == pytest.approx(logged["lora_ttt"], abs=2e-5)
+    assert rows["beta0"]["lora_ttt"] == pytest.approx(rows["base"]["untilted"], abs=1e-9)  # no tilt: the untilted scores
+    part = run_script(ROOT / "bench" / "eval_ab.py", tmp_path, root, *args, "--docs", "5", "base=")
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert "LoRA TTT on 5 documents" in part.stdout
+    assert json.loads((tmp_path / "ab.json").read_text())["results"][str(cwd / "final_model.pgq")]["base"]["lora_ttt"] != rows["base"]["lora_ttt"]
+    for variant, message in [("x=MODEL_DIM=64", "x: MODEL_DIM not an evaluation setting"), ("x=LORA_TT_LR=1", "x: not hyperparameters: LORA_TT_LR")]:
+        bad = run_script(ROOT / "bench" / "eval_ab.py", tmp_path, root, *args, variant)
+        assert bad.returncode != 0 and message in bad.stderr and len(bad.stderr.splitlines()) == 1, bad.stderr
+
+
 @pytest.mark.parametrize(
     "kind, message",
     [

@@ -470,7 +470,7 @@ def test_a_graph_compiled_inside_the_timed_training_is_reported(tmp_path, tiny_d
 
 
 def test_step_settings_are_the_whole_schedule():
-    h = tg.Hyperparameters(train_seq_schedule="1024@0,2048@0.1,3072@0.7", seq_rewarm_steps=32)
+    h = tg.Hyperparameters(train_seq_schedule="1024@0,2048@0.1,3072@0.7", seq_rewarm_steps=32, warmdown_frac=0.85)
     start = tg.step_settings(0, 0.0, h)
     assert start == (1.0, pytest.approx(0.92), 1.0, False, 1024)
     middle = tg.step_settings(1500, 0.5, h, switched_at=1490)

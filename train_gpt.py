@@ -89,7 +89,7 @@ class Hyperparameters:
     out_dir: str = _param("runs")  # every output of a run (log, artifact, counted code, submission.json) goes to OUT_DIR/RUN_ID/
     artifact_path: str = _param("")  # the artifact written (default: in the run folder), or read with EVAL_ONLY (required then)
     checkpoint_path: str = _param("")  # if set, the unquantized final weights are saved there (a relative path: in the run folder)
-    eval_only: bool = _param(False)  # evaluate ARTIFACT_PATH without training
+    eval_only: bool = _param(False)  # evaluate ARTIFACT_PATH without training; the model settings come from its header
     compile: bool = _param(True)  # torch.compile the blocks and the loss head
     attention_backend: str = _param("auto", choices=("auto", "fa3", "cudnn", "flash", "efficient", "math"))  # causal attention kernel; auto: FlashAttention-3 where it imports (measured fastest at every use), else cuDNN
     doc_mask: bool = _param(False)  # attention stays inside each document (a BOS starts one) in training, eval and TTT: FA3 varlen or FlexAttention on CUDA
@@ -1993,7 +1993,11 @@ def allocate_quantization_steps(model: GPT, hessians: dict, loader: TrainLoader,
 
 ARTIFACT_MAGIC = b"PGOLF1"
 ARTIFACT_LIMIT_BYTES = 16_000_000
-ARCH_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "loop_start", "loop_end", "num_loops", "smear_gate", "attn_gate", "xsa_gate", "lanes_from_layer")
+ARCH_FIELDS = (  # every setting that changes what the stored weights compute; the header keeps them all
+    "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "loop_start", "loop_end", "num_loops",
+    "smear_gate", "attn_gate", "xsa_gate", "lanes_from_layer",  # the first 13: artifacts before 2026-12-07 store only these
+    "parallel_from_layer", "rope_dims", "rope_base", "logit_softcap", "attn_gate_scale", "train_seq_len", "doc_mask",
+)
 
 
 def byte_shuffle(data: bytes, stride: int) -> bytes:
@@ -2180,29 +2184,56 @@ def pack_artifact(qstate: dict, h: Hyperparameters, looping: bool) -> bytes:
     return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + stream + rest
 
 
-def check_artifact(path: Path, h: Hyperparameters):
-    """EVAL_ONLY's artifact, read whole before any work: a missing, empty, truncated or foreign
-    file, or one made for other model settings, is one clear error."""
-    if not path.is_file():
-        raise FileNotFoundError(f"ARTIFACT_PATH={str(path)!r}: no such file")
-    if path.stat().st_size >= ARTIFACT_LIMIT_BYTES:
-        return  # the size check refuses it, with the code counted, before anything is scored
-    data = path.read_bytes()
-    try:
-        unpack_artifact(data, h)
-    except Exception as err:  # whatever garbage makes the decoder raise
-        reason = "empty" if not data else err if isinstance(err, ValueError) and str(err).startswith("artifact") else f"not a complete artifact of this script ({type(err).__name__}: {err})"
-        raise ValueError(f"ARTIFACT_PATH={str(path)!r} ({len(data):,} bytes): {reason}") from None
-
-
-def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Tensor], bool]:
-    """Inverse of pack_artifact: the dequantized state dict (fp32) and the looping flag."""
+def read_artifact_header(data: bytes) -> tuple[dict, int]:
+    """The artifact's JSON header and where the payload after it starts."""
     if not data.startswith(ARTIFACT_MAGIC):
         raise ValueError("artifact: bad magic; not a file written by pack_artifact")
     (n,) = struct.unpack_from("<I", data, len(ARTIFACT_MAGIC))
     offset = len(ARTIFACT_MAGIC) + 4
-    header = json.loads(data[offset : offset + n])
-    offset += n
+    try:
+        header = json.loads(data[offset : offset + n])
+    except ValueError:  # JSON and UTF-8 errors alike
+        raise ValueError("artifact: unreadable header") from None
+    if not isinstance(header, dict) or not isinstance(header.get("arch"), dict):
+        raise ValueError("artifact: header without the model settings")
+    return header, offset + n
+
+
+def with_artifact_settings(h: Hyperparameters, header: dict, environ) -> Hyperparameters:
+    """EVAL_ONLY rebuilds the model the artifact was trained as: every model setting its header
+    stores replaces h's (an older artifact stores fewer: the rest stay h's). One given in the
+    environment with another value is refused, in one line."""
+    stored = header["arch"]
+    unknown = sorted(set(stored) - set(ARCH_FIELDS))
+    if unknown:
+        raise ValueError(f"artifact: stores model settings this script does not know: {', '.join(k.upper() for k in unknown)}")
+    for k, v in stored.items():
+        if k.upper() in environ and getattr(h, k) != v:
+            raise ValueError(f"artifact was trained with {k.upper()}={v}, but {k.upper()}={getattr(h, k)} is set; leave it out (EVAL_ONLY takes the artifact's model settings)")
+    return dataclasses.replace(h, **stored)
+
+
+def check_artifact(path: Path, h: Hyperparameters, environ=None) -> Hyperparameters:
+    """EVAL_ONLY's artifact, read whole before any work: a missing, empty, truncated or foreign
+    file, or a model setting in the environment that differs from the artifact's, is one clear
+    error. Returns h with the artifact's model settings (with_artifact_settings)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"ARTIFACT_PATH={str(path)!r}: no such file")
+    if path.stat().st_size >= ARTIFACT_LIMIT_BYTES:
+        return h  # the size check refuses it, with the code counted, before anything is scored
+    data = path.read_bytes()
+    try:
+        h = with_artifact_settings(h, read_artifact_header(data)[0], os.environ if environ is None else environ)
+        unpack_artifact(data, h)
+    except Exception as err:  # whatever garbage makes the decoder raise
+        reason = "empty" if not data else err if isinstance(err, ValueError) and str(err).startswith("artifact") else f"not a complete artifact of this script ({type(err).__name__}: {err})"
+        raise ValueError(f"ARTIFACT_PATH={str(path)!r} ({len(data):,} bytes): {reason}") from None
+    return h
+
+
+def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Tensor], bool]:
+    """Inverse of pack_artifact: the dequantized state dict (fp32) and the looping flag."""
+    header, offset = read_artifact_header(data)
     for k, v in header["arch"].items():
         if getattr(h, k) != v:
             raise ValueError(f"artifact was trained with {k.upper()}={v}, but {k.upper()}={getattr(h, k)} now")
@@ -3173,6 +3204,8 @@ def main(argv: list[str] = ()) -> int:
         raise SetupError(f"unexpected argument {argv[0]!r}: settings are environment variables (NAME=value python3 train_gpt.py); --help lists them")
     with setup_errors():
         h = Hyperparameters.from_env()
+        if h.eval_only and h.artifact_path:  # the model is the artifact's: its settings replace the defaults before the checks
+            h = check_artifact(Path(h.artifact_path), h)
     rt = init_runtime()
     with setup_errors():
         h.validate(rt.world_size)
@@ -3218,8 +3251,6 @@ def run(h: Hyperparameters, rt: Runtime, log: Logger, files: RunFiles):
         train_files = [] if h.eval_only else find_shards(h, "train")
         for f in train_files:
             read_shard(f)  # the header and size of every shard, before the clock
-        if h.eval_only:
-            check_artifact(files.artifact, h)
     log_environment(h, rt, log)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)

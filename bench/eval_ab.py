@@ -6,15 +6,18 @@ so one artifact per seed decides an evaluation setting.
     DATA_DIR=... python3 bench/eval_ab.py --artifact a.pgq --artifact b.pgq [--docs 400] \
         base= nophase=LORA_TTT_PHASES=0 beta2=NGRAM_TILT_BETA=2,NGRAM_TILT_MIN_SHARE=0.9
 
-A variant is NAME=KEY=VALUE,KEY=VALUE (a value may hold commas: LORA_TTT_TARGETS=q,v,o) over the environment's settings (empty: those alone); only
-the evaluation's settings (the `# evaluation` group of Hyperparameters) may change, since the
+The model's settings come from the artifacts' headers (as with EVAL_ONLY; the artifacts must be
+of one model). A variant is NAME=KEY=VALUE,KEY=VALUE (a value may hold commas:
+LORA_TTT_TARGETS=q,v,o) over the environment's settings (empty: those alone); only the
+evaluation's settings (the `# evaluation` group of Hyperparameters) may change, since the
 weights are fixed. --docs N evaluates LoRA TTT on the validation set's first N documents, and
 --max-doc-targets M on those of at most M targets, for settings that do not depend on the whole
 set; the plain score stays on the whole set. A document's chunks run one after another, so the
 longest document is a floor on LoRA TTT's time: a prefix alone saves little (300 of the dev
-set's 971 documents took 154 s against 156 s for all, H100) unless long documents are left out. A variant that changes a compiled shape (LoRA TTT's rank, targets, batch, chunk or
-window) compiles its graphs in its warm-up, and the table says so; the warm-up's step time
-feeds the time plan as in train_gpt.py.
+set's 971 documents took 154 s against 156 s for all, H100) unless long documents are left out.
+A variant that changes a compiled shape (LoRA TTT's rank, targets, batch, chunk or window)
+compiles its graphs in its warm-up, and the table says so; the warm-up's step time feeds the
+time plan as in train_gpt.py.
 
 Per artifact, a table: each variant's LoRA TTT val_bpb and its difference from the first, the
 same untilted, LoRA TTT's seconds and the warm-up's; at the end, each variant's differences per
@@ -99,16 +102,19 @@ def main(argv=None):
         if value is not None and value < 1:
             raise SystemExit(f"eval_ab.py: {flag} must be >= 1")
     h = tg.Hyperparameters.from_env()
+    try:  # the model is the artifacts', as with EVAL_ONLY: their settings replace the defaults
+        models = [tg.check_artifact(Path(path), h) for path in args.artifact]
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"eval_ab.py: {err}") from None
+    h = models[0]
+    for path, other in zip(args.artifact[1:], models[1:]):
+        if other != h:
+            raise SystemExit(f"eval_ab.py: {path}: another model than {args.artifact[0]}'s (one process builds one model)")
     h.validate(1)
     allowed = evaluation_fields()
     variants = [parse_variant(v, h, allowed) for v in args.variants]
     if len({name for name, _ in variants}) != len(variants):
         raise SystemExit("eval_ab.py: two variants share a name")
-    for path in args.artifact:
-        try:
-            tg.check_artifact(Path(path), h)
-        except (ValueError, FileNotFoundError) as err:
-            raise SystemExit(f"eval_ab.py: {err}") from None
     rt = tg.init_runtime()
     log = None if args.quiet or not rt.is_main else (lambda msg: print(msg, flush=True))
 

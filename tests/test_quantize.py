@@ -2,8 +2,11 @@
 self-extracting code copy."""
 
 import ast
+import dataclasses
 import io
+import json
 import math
+import struct
 import subprocess
 import sys
 import tokenize
@@ -344,6 +347,40 @@ def test_artifact_rejects_other_architectures_and_garbage(cpu_runtime):
         tg.unpack_artifact(blob, tiny_hyperparameters(smear_gate=False))
     with pytest.raises(ValueError, match="bad magic"):
         tg.unpack_artifact(b"junk" + blob, h)
+
+
+def _with_header(blob: bytes, arch: dict) -> bytes:
+    """The artifact with its header's model settings replaced (as an older or a foreign file)."""
+    header, offset = tg.read_artifact_header(blob)
+    text = json.dumps({**header, "arch": arch}).encode()
+    return tg.ARTIFACT_MAGIC + struct.pack("<I", len(text)) + text + blob[offset:]
+
+
+def test_artifact_carries_every_model_setting_and_eval_only_takes_them(cpu_runtime, tmp_path):
+    """The header stores every setting that changes what the weights compute (ARCH_FIELDS), and
+    EVAL_ONLY's check returns the settings with the artifact's: the defaults (ATTN_GATE_SCALE,
+    ROPE_BASE, LOGIT_SOFTCAP, ... included) give way, a setting given in the environment with
+    another value is refused in one line, the same value is accepted. An older artifact (the
+    first 13 fields) keeps the rest from the settings; a field this script does not know is refused."""
+    h = tiny_hyperparameters(compress_level=5, attn_gate=True, attn_gate_scale=0.75, rope_base=5000.0, logit_softcap=20.0, parallel_from_layer=2)
+    model, hessians = _tiny_model_and_hessians(h)
+    blob = tg.pack_artifact(tg.quantize_model(model, hessians, h, cpu_runtime), h, looping=False)
+    assert set(tg.read_artifact_header(blob)[0]["arch"]) == set(tg.ARCH_FIELDS)
+    path = tmp_path / "a.pgq"
+    path.write_bytes(blob)
+    adopted = tg.check_artifact(path, tg.Hyperparameters(), environ={})
+    assert all(getattr(adopted, k) == getattr(h, k) for k in tg.ARCH_FIELDS)
+    assert adopted.lora_ttt_lr == tg.Hyperparameters.lora_ttt_lr  # evaluation settings stay the environment's
+    assert tg.check_artifact(path, dataclasses.replace(adopted, seed=3), environ={"ATTN_GATE_SCALE": "0.75"}).seed == 3
+    with pytest.raises(ValueError, match=r"trained with ATTN_GATE_SCALE=0.75, but ATTN_GATE_SCALE=1.0 is set; leave it out"):
+        tg.check_artifact(path, dataclasses.replace(adopted, attn_gate_scale=1.0), environ={"ATTN_GATE_SCALE": "1"})
+    old = {k: getattr(h, k) for k in tg.ARCH_FIELDS[:13]}
+    path.write_bytes(_with_header(blob, old))
+    older = tg.check_artifact(path, dataclasses.replace(tg.Hyperparameters(), parallel_from_layer=2, rope_base=5000.0, logit_softcap=20.0, attn_gate_scale=0.75, train_seq_len=32, rope_dims=4), environ={})
+    assert older.num_layers == 4 and older.attn_gate_scale == 0.75
+    path.write_bytes(_with_header(blob, {**old, "future_setting": 1}))
+    with pytest.raises(ValueError, match="does not know: FUTURE_SETTING"):
+        tg.check_artifact(path, tg.Hyperparameters(), environ={})
 
 
 def _fit(h, monkeypatch=None, limit=None):

@@ -177,7 +177,7 @@ def test_eval_ab_scores_the_runs_artifact_as_the_run_did(smoke_run, tmp_path):
         ("empty", "(0 bytes): empty"),
         ("truncated", "(10,000 bytes): artifact: corrupt rANS stream"),
         ("random", "(20,000 bytes): artifact: bad magic"),
-        ("other model", "artifact was trained with MODEL_DIM=32, but MODEL_DIM=64 now"),
+        ("other model", "artifact was trained with MODEL_DIM=32, but MODEL_DIM=64 is set; leave it out"),
     ],
 )
 def test_a_bad_artifact_is_one_line_before_any_work(smoke_run, tmp_path, kind, message):
@@ -203,6 +203,20 @@ def test_self_extracting_copy_evaluates_the_artifact_identically(smoke_run, tmp_
     assert final_bpb(again.stdout) == final_bpb(proc.stdout)
     assert "stage eval_lora_ttt" in again.stdout and "stage eval_ttt" in again.stdout and "warmup" not in again.stdout
     assert "stage eval_sliding" not in again.stdout  # SLIDING_EVAL=0 leaves out the diagnostic
+
+
+def test_eval_only_rebuilds_the_model_from_the_artifact_alone(smoke_run, tmp_path):
+    """EVAL_ONLY with none of the run's model settings in the environment (its 4 layers, width
+    32, partial RoPE, lanes, loop, ...: all off the defaults) scores the artifact as the run did:
+    the model comes from the artifact's header."""
+    cwd, root, proc = smoke_run
+    model_settings = {k.upper() for k in tg.ARCH_FIELDS}
+    env = {k: v for k, v in {**os.environ, **TINY_ENV}.items() if k not in model_settings}
+    assert model_settings & set(TINY_ENV) >= {"NUM_LAYERS", "MODEL_DIM", "ROPE_DIMS", "PARALLEL_FROM_LAYER", "TRAIN_SEQ_LEN"}
+    env.update(DATA_DIR=str(root), OMP_NUM_THREADS="2", EVAL_ONLY="1", ARTIFACT_PATH=str(cwd / "final_model.pgq"), RUN_ID="bare", SLIDING_EVAL="0", TTT_ENABLED="0", VOCAB_SIZE=TINY_ENV["VOCAB_SIZE"])
+    bare = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert bare.returncode == 0, bare.stderr[-3000:]
+    assert final_bpb(bare.stdout) == final_bpb(proc.stdout) and "  NUM_LAYERS=4" in bare.stdout
 
 
 def test_oversized_artifact_is_refused_without_a_score(tiny_data, tmp_path, monkeypatch):

@@ -287,6 +287,10 @@ class Hyperparameters:
     def lora_ttt_window(self) -> int:
         return self.lora_ttt_seq_len or self.eval_seq_len
 
+    def layer_order(self, looping: bool = True) -> list[int]:
+        """The blocks a forward runs, in order: with depth recurrence (looping) or without."""
+        return virtual_layer_order(self.num_layers, self.loop_start, self.loop_end, self.num_loops if looping else 0)
+
     def accum_steps(self, world_size: int) -> int:
         return self.grad_accum_steps or max(1, 8 // world_size)
 
@@ -1158,7 +1162,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         self.smear = SmearGate() if h.smear_gate else None
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
-        num_skips = len(virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops)) // 2
+        num_skips = len(h.layer_order()) // 2
         self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))
         self.token_loss = SoftcapTokenLoss(h.logit_softcap)
@@ -1179,8 +1183,7 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.proj.weight)
 
     def layer_order(self) -> list[int]:
-        h = self.h
-        return virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops if self.looping else 0)
+        return self.h.layer_order(self.looping)
 
     def hidden_states(self, ids: torch.Tensor, adapters: "DocumentAdapters | None" = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, C]. The first half of the virtual layers push their
@@ -1308,6 +1311,11 @@ def flops_per_token(h: Hyperparameters, num_virtual_layers: int) -> float:
 
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def mfu_percent(tokens_per_second: float, h: Hyperparameters, num_virtual_layers: int, peak: float, world_size: int) -> float:
+    """Model FLOPs utilisation: the model's training FLOPs per second against the GPUs' bf16 peak."""
+    return 100 * tokens_per_second * flops_per_token(h, num_virtual_layers) / (peak * world_size)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -1658,7 +1666,7 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
                     log(f"step {step}: training length {loader.seq_len} -> {settings.seq_len} at {elapsed:.1f}s ({frac:.0%} of training); LR re-warmed over {h.seq_rewarm_steps} steps")
                 loader.set_seq_len(settings.seq_len, tokens_per_step // (rt.world_size * accum * settings.seq_len))
             if settings.looping and not model.looping:
-                log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of training), order {virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops)}")
+                log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of training), order {h.layer_order()}")
             model.looping = looping = settings.looping
             loss = train_step(model, optimizers, loader, h, rt, accum, settings.lr_mult, settings.momentum, settings.wd_mult)
             ema.update()
@@ -1672,7 +1680,7 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
             window_steps += 1
             if step % h.log_every == 0 or step <= 5:
                 tok_s = window_steps * tokens_per_step / window_t
-                mfu = "" if peak is None else f" mfu {100 * tok_s * flops_per_token(h, len(model.layer_order())) / (peak * rt.world_size):.1f}%"
+                mfu = "" if peak is None else f" mfu {mfu_percent(tok_s, h, len(model.layer_order()), peak, rt.world_size):.1f}%"
                 log(f"step {step} loss {loss_sum.item() / window_steps:.4f} lr_mult {settings.lr_mult:.3f} {tok_s:,.0f} tok/s{mfu} (run average {step * tokens_per_step / elapsed:,.0f}) elapsed {elapsed:.1f}s")
                 loss_sum, window_t, window_steps = None, 0.0, 0
     except KeyboardInterrupt:
@@ -1686,8 +1694,8 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
         if phase_seconds[looping] > 0:
             tok_s = phase_tokens[looping] / phase_seconds[looping]
             rates["looping" if looping else "before_looping"] = tok_s
-            layers = len(virtual_layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops if looping else 0))
-            mfu = "" if peak is None else f", MFU {100 * tok_s * flops_per_token(h, layers) / (peak * rt.world_size):.1f}%"
+            layers = len(h.layer_order(looping))
+            mfu = "" if peak is None else f", MFU {mfu_percent(tok_s, h, layers, peak, rt.world_size):.1f}%"
             log(f"throughput {'with' if looping else 'before'} depth recurrence: {tok_s:,.0f} tok/s ({tok_s / rt.world_size:,.0f} per GPU){mfu}")
     return TrainResult(step, elapsed, reason, rates)
 
@@ -2403,6 +2411,12 @@ class EvalResult:
         return self.nll_sum / math.log(2) / self.byte_sum
 
 
+def cosine_decay(peak: float, done: int, total: int) -> float:
+    """From peak at done = 0 to 0 at done = total along half a cosine (score-first TTT's chunks,
+    the phases' steps)."""
+    return peak * 0.5 * (1 + math.cos(math.pi * done / total))
+
+
 def window_plan(num_targets: int, seq_len: int, stride: int | None) -> list[tuple[int, int]]:
     """(start, scored) per window: the window reads tokens [start, start+seq_len] and scores its
     last `scored` targets. Without a stride, windows tile the stream; with one, the first
@@ -2490,7 +2504,7 @@ def evaluate(model, tokens, target_bytes, seq_len, stride, batch_seqs, rt, ttt: 
         synchronize(rt.device)
         t_scored = time.perf_counter()
         if ttt and ttt.epochs > 0 and c < num_chunks - 1:
-            lr = ttt.lr * 0.5 * (1 + math.cos(math.pi * c / (num_chunks - 1)))
+            lr = cosine_decay(ttt.lr, c, num_chunks - 1)
             train_steps += _ttt_train_chunk(model, optimizer, tokens, c * chunk, chunk, seq_len, lr, ttt, rt, trace)
             synchronize(rt.device)
         chunk_seconds.append((t_scored - t_chunk, time.perf_counter() - t_scored))
@@ -2779,6 +2793,11 @@ class ChunkPlan(NamedTuple):
     short_span: int = UNLIMITED
     max_steps: int = UNLIMITED
 
+    @classmethod
+    def of(cls, h: "Hyperparameters", short_span: int = UNLIMITED, max_steps: int = UNLIMITED) -> "ChunkPlan":
+        """The plan with LORA_TTT_CHUNK_TOKENS and LORA_TTT_LONG_CHUNK_TOKENS."""
+        return cls(h.lora_ttt_chunk_tokens, h.lora_ttt_long_chunk_tokens, short_span, max_steps)
+
     @property
     def widest(self) -> int:
         return self.chunk if self.short_span == UNLIMITED else max(self.chunk, self.long_chunk)
@@ -2803,19 +2822,19 @@ def lora_ttt_plan(lengths: list[int], h: Hyperparameters, step_seconds: float | 
     stops after the steps the budget allows. Without a measured step time: short chunks only.
     Returns the plan and a line for the log."""
     if step_seconds is None:
-        return ChunkPlan(h.lora_ttt_chunk_tokens, h.lora_ttt_long_chunk_tokens), "no step time measured: short chunks everywhere"
+        return ChunkPlan.of(h), "no step time measured: short chunks everywhere"
     rows = h.lora_ttt_batch_docs * world_size
 
     def projected(plan: ChunkPlan) -> float:
         return projected_seconds(plan, lengths, step_seconds, rows)
 
     for span in [UNLIMITED] + [1 << k for k in range(20, -1, -1)] + [0]:
-        plan = ChunkPlan(h.lora_ttt_chunk_tokens, h.lora_ttt_long_chunk_tokens, span)
+        plan = ChunkPlan.of(h, span)
         if projected(plan) <= h.lora_ttt_budget_seconds:
             where = "everywhere" if span == UNLIMITED else f"for a document's first {span:,} targets, then {plan.long_chunk}"
             return plan, f"chunks of {plan.chunk} {where}: projected {projected(plan):.0f}s of the {h.lora_ttt_budget_seconds:.0f}s budget ({step_seconds * 1000:.0f} ms per step)"
     max_steps = max(1, int(h.lora_ttt_budget_seconds / step_seconds))
-    plan = ChunkPlan(h.lora_ttt_chunk_tokens, h.lora_ttt_long_chunk_tokens, 0, max_steps)
+    plan = ChunkPlan.of(h, 0, max_steps)
     return plan, f"even chunks of {plan.long_chunk} everywhere cannot fit the {h.lora_ttt_budget_seconds:.0f}s budget (projected {projected(plan):.0f}s): adaptation stops after {max_steps} steps of a document, the rest is scored without it"
 
 
@@ -2918,7 +2937,7 @@ def global_sgd_phase(model: GPT, tokens: torch.Tensor, docs: list[tuple[int, int
     optimizer = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum)
     with eager(model):
         for step in range(num_steps):
-            lr = ttt.lr * 0.5 * (1 + math.cos(math.pi * step / num_steps))
+            lr = cosine_decay(ttt.lr, step, num_steps)
             _ttt_train_chunk(model, optimizer, stream, step * ttt.chunk_tokens, ttt.chunk_tokens, h.eval_seq_len, lr, ttt, rt, None)
     return num_steps
 
@@ -3017,7 +3036,7 @@ def warm_up_lora_ttt(model: GPT, h: Hyperparameters, device: torch.device) -> fl
     tokens[tokens == BOS_ID] = BOS_ID + 1
     tokens[::length] = BOS_ID
     on_device, target_bytes = tokens.to(device), torch.ones(len(tokens), device=device)
-    plan = ChunkPlan(h.lora_ttt_chunk_tokens, h.lora_ttt_long_chunk_tokens)
+    plan = ChunkPlan.of(h)
     seconds = 0.0
     for _ in range(2):  # the copies are made once, outside the timed pass
         batches = [[(d * length, (d + 1) * length) for d in range(h.lora_ttt_batch_docs)]]

@@ -26,7 +26,6 @@ TTT are left out (bench/ab.py --eval-only runs the whole evaluation, one process
 """
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -35,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import quant_ab  # noqa: E402  (its variant syntax)
 import train_gpt as tg  # noqa: E402
 
 SHAPE_FIELDS = ("lora_ttt_rank", "lora_ttt_targets", "lora_ttt_batch_docs", "lora_ttt_chunk_tokens", "lora_ttt_long_chunk_tokens", "lora_ttt_seq_len", "eval_seq_len")
@@ -48,27 +48,9 @@ def evaluation_fields() -> set[str]:
 
 
 def parse_variant(text: str, h: tg.Hyperparameters, allowed: set[str]) -> tuple[str, tg.Hyperparameters]:
-    name, _, settings = text.partition("=")
-    if not name:
-        raise SystemExit(f"eval_ab.py: {text!r}: a variant is NAME=KEY=VALUE,... (NAME= for the environment's settings)")
-    env, key = {}, None
-    for item in filter(None, settings.split(",")):
-        if "=" in item:
-            key, value = item.split("=", 1)
-            env[key] = value
-        elif key is not None:  # a comma inside a value: LORA_TTT_TARGETS=q,v,o
-            env[key] += "," + item
-        else:
-            raise SystemExit(f"eval_ab.py: {name}: {item!r} is not KEY=VALUE")
-    fields = {f.name.upper(): f for f in dataclasses.fields(h)}
-    unknown = sorted(set(env) - set(fields))
-    if unknown:
-        raise SystemExit(f"eval_ab.py: {name}: not hyperparameters: {', '.join(unknown)}")
-    fixed = sorted(set(env) - allowed)
-    if fixed:
-        raise SystemExit(f"eval_ab.py: {name}: {', '.join(fixed)} not an evaluation setting (the weights are the artifact's)")
+    """quant_ab's variant syntax, only evaluation settings, checked as train_gpt.py checks them."""
+    name, hv = quant_ab.parse_variant(text, h, "eval_ab.py", allowed)
     try:
-        hv = dataclasses.replace(h, **{fields[k].name: tg._parse_value(k, v, fields[k].type) for k, v in env.items()})
         hv.check_ranges()
         hv.validate(1)
     except ValueError as err:

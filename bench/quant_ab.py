@@ -24,13 +24,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 
-def parse_variant(text: str, h: tg.Hyperparameters) -> tuple[str, tg.Hyperparameters]:
+def parse_variant(text: str, h: tg.Hyperparameters, tool: str = "quant_ab.py", allowed: set[str] | None = None) -> tuple[str, tg.Hyperparameters]:
+    """NAME=KEY=VALUE,KEY=VALUE (a value may hold commas: LORA_TTT_TARGETS=q,v,o) as the variant's
+    name and h with its settings; an unknown name, or one outside `allowed` (upper case) where
+    given, ends the tool with one line."""
     name, _, settings = text.partition("=")
-    env = dict(item.split("=", 1) for item in settings.split(",") if item)
+    if not name:
+        raise SystemExit(f"{tool}: {text!r}: a variant is NAME=KEY=VALUE,... (NAME= for the environment's settings)")
+    env, key = {}, None
+    for item in filter(None, settings.split(",")):
+        if "=" in item:
+            key, value = item.split("=", 1)
+            env[key] = value
+        elif key is not None:  # a comma inside a value
+            env[key] += "," + item
+        else:
+            raise SystemExit(f"{tool}: {name}: {item!r} is not KEY=VALUE")
     fields = {f.name.upper(): f for f in dataclasses.fields(h)}
     unknown = set(env) - set(fields)
     if unknown:
-        raise SystemExit(f"quant_ab.py: {name}: not hyperparameters: {', '.join(sorted(unknown))}")
+        raise SystemExit(f"{tool}: {name}: not hyperparameters: {', '.join(sorted(unknown))}")
+    fixed = sorted(set(env) - allowed) if allowed is not None else []
+    if fixed:
+        raise SystemExit(f"{tool}: {name}: {', '.join(fixed)} not an evaluation setting (the weights are the artifact's)")
     return name, dataclasses.replace(h, **{fields[k].name: tg._parse_value(k, v, fields[k].type) for k, v in env.items()})
 
 

@@ -71,6 +71,14 @@ def select_documents(tokens: torch.Tensor, target_bytes: torch.Tensor, count: in
     return stream, torch.cat([target_bytes[f:e] for f, e in kept])
 
 
+def window_blind(variants: list[tuple[str, "tg.Hyperparameters"]], longest_targets: int) -> list[str]:
+    """The variants whose LoRA TTT window differs from the first's while no selected document is
+    longer than either window: every chunk then sees its whole prefix in both, so such a variant
+    measures only another compiled shape, not the window."""
+    first = variants[0][1].lora_ttt_window()
+    return [name for name, hv in variants[1:] if hv.lora_ttt_window() != first and longest_targets <= min(first, hv.lora_ttt_window())]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--artifact", action="append", required=True, help="an artifact to evaluate (repeat for several seeds)")
@@ -107,6 +115,10 @@ def main(argv=None):
     ttt_val, ttt_bytes = select_documents(val, target_bytes, args.docs, args.max_doc_targets)
     say = print if rt.is_main else (lambda *a, **k: None)
     say(f"validation: {len(tg.document_spans(val)):,} documents, {len(val) - 1:,} targets; LoRA TTT on {len(tg.document_spans(ttt_val)):,} documents, {len(ttt_val) - 1:,} targets, {int(ttt_bytes.sum()):,} bytes", flush=True)
+
+    longest = max(e - f for f, e in tg.document_spans(ttt_val))
+    for name in window_blind(variants, longest):
+        say(f"note: {name}: no selected document has more than {longest:,} targets, within both windows: the variant measures only another compiled shape (drop --max-doc-targets to test a window)", flush=True)
 
     model = tg.build_model(h, rt, tg.Logger(None))
     results: dict[str, dict[str, dict]] = {}

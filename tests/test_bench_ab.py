@@ -3,6 +3,7 @@ bench/eval_ab.py's prefix of the validation set; bench/timing_artifact.py."""
 
 import importlib.util
 import json
+from dataclasses import replace
 
 import torch
 
@@ -97,3 +98,12 @@ def test_eval_ab_selection_keeps_whole_documents_in_stream_order():
     assert tg.document_spans(kept) == [(0, 2), (2, 3)]
     whole = eval_ab.select_documents(tokens, nbytes, 9, None)
     assert whole[0] is tokens and whole[1] is nbytes
+
+
+def test_eval_ab_says_when_a_window_variant_cannot_matter():
+    """A window variant is flagged when the longest selected document fits in both windows, and
+    not when some document is longer than the smaller window (nor for variants of the same window)."""
+    h = tg.Hyperparameters.from_env({})
+    variants = [("base", h), ("w2560", replace(h, lora_ttt_seq_len=2560)), ("lr", replace(h, lora_ttt_lr=1e-4)), ("same", replace(h, lora_ttt_seq_len=h.eval_seq_len))]
+    assert eval_ab.window_blind(variants, 2008) == ["w2560"]
+    assert eval_ab.window_blind(variants, h.eval_seq_len + 1) == []

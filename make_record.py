@@ -11,8 +11,9 @@ verdict), submission.json (the runs and their means), the logs, train_gpt.py (th
 and requirements.txt. It refuses, writing nothing, if a run's artifact is 16,000,000 bytes or
 more, its training or evaluation (the records' count: first scored token to final score) passed
 600 s, the runs' counted code differs, the file given as --code is not that code, a folder
-is given twice or two runs share a seed, a run is not on 8xH100 (--not-a-record: an example
-folder that says so), or the output folder exists and is not empty.
+is given twice or two runs share a seed, the runs were scored on different validation sets, a
+run is not on 8xH100 or not on the challenge's 50,000 validation documents (--not-a-record: an
+example folder that says so), or the output folder exists and is not empty.
 """
 
 import argparse
@@ -142,6 +143,7 @@ def check_runs(runs: list[dict], code: bytes, not_a_record: bool = False):
             raise RecordRefused(f"{r['folder']}: training took {r['train_seconds']:.1f}s, over {TIME_LIMIT_SECONDS:.0f}s")
         if eval_seconds(r) > TIME_LIMIT_SECONDS:
             raise RecordRefused(f"{r['folder']}: evaluation took {eval_seconds(r):.1f}s, over {TIME_LIMIT_SECONDS:.0f}s")
+    check_data(runs, not_a_record)
     for r in runs:
         if "code_sha256" not in r:
             raise RecordRefused(f"{r['folder']}: submission.json has no code_sha256 (written by an older train_gpt.py)")
@@ -154,13 +156,43 @@ def check_runs(runs: list[dict], code: bytes, not_a_record: bool = False):
         raise RecordRefused("the runs counted a code size other than the --code file's")
 
 
+CHALLENGE_VALIDATION_DOCUMENTS = 50_000  # FineWeb's first 50k documents, the challenge's fixed set
+
+
+def check_data(runs: list[dict], not_a_record: bool):
+    """The runs were scored on one validation set (the same fingerprint of the scored tokens), and
+    a record's is the challenge's 50,000 documents; an example (not_a_record) may use other data."""
+    missing = [r["folder"] for r in runs if "data" not in r]
+    if missing and not not_a_record:
+        raise RecordRefused(f"{missing[0]}: submission.json does not say which data the run used (written by an older train_gpt.py)")
+    if missing:
+        return
+    prints = {r["data"]["validation_sha256"] for r in runs}
+    if len(prints) > 1:
+        raise RecordRefused(f"the runs were scored on different validation sets ({len(prints)} fingerprints: {', '.join(sorted(prints))})")
+    for r in runs:
+        if not not_a_record and r["data"]["validation_documents"] != CHALLENGE_VALIDATION_DOCUMENTS:
+            raise RecordRefused(f"{r['folder']}: scored on {r['data']['validation_documents']:,} validation documents, not the challenge's {CHALLENGE_VALIDATION_DOCUMENTS:,}; --not-a-record makes an example folder")
+
+
+def data_line(runs: list[dict]) -> str:
+    if "data" not in runs[0]:
+        return "Data: not recorded (runs of an older train_gpt.py)."
+    d = runs[0]["data"]
+    which = "the challenge's validation set" if d["validation_documents"] == CHALLENGE_VALIDATION_DOCUMENTS else f"not the challenge's {CHALLENGE_VALIDATION_DOCUMENTS:,}-document validation set"
+    bytes_from = "the byte sidecars" if d["byte_sidecar"] else "the tokenizer"
+    return (f"Data: {d['validation_documents']:,} validation documents ({which}), {d['validation_targets']:,} scored targets, "
+            f"{d['validation_bytes']:,} bytes (from {bytes_from}), fingerprint {d['validation_sha256']}; "
+            f"training on {d['train_shards']} shards, {d['train_tokens']:,} tokens.")
+
+
 def readme(runs: list[dict], best: dict, t: float, df: float, p: float, not_a_record: bool = False) -> str:
     losses = [r["val_loss"] for r in runs]
     bpbs = [r["val_bpb"] for r in runs]
     stages = [k for k in ("raw", "ema", "quantized", "sliding", "lora_ttt", "ttt") if all(k in r["val_bpb_stages"] for r in runs)]
     hardware = sorted({r.get("hardware", "unknown") for r in runs})
     title = "# Example submission (not a record: --not-a-record)" if not_a_record else "# Record submission"
-    lines = [title, "", f"Hardware: {', '.join(hardware)} (from the runs' logs); torch {', '.join(sorted({str(r.get('torch', '?')) for r in runs}))}.", "", "| seed | steps | " + " | ".join(f"{k} bpb" for k in stages) + " | val_loss (nats) | train s | eval s (first scored token to score) | eval s (strict: load, compile, every stage) | artifact bytes |", "|" + " --- |" * (len(stages) + 7)]
+    lines = [title, "", f"Hardware: {', '.join(hardware)} (from the runs' logs); torch {', '.join(sorted({str(r.get('torch', '?')) for r in runs}))}.", "", data_line(runs), "", "| seed | steps | " + " | ".join(f"{k} bpb" for k in stages) + " | val_loss (nats) | train s | eval s (first scored token to score) | eval s (strict: load, compile, every stage) | artifact bytes |", "|" + " --- |" * (len(stages) + 7)]
     for r in runs:
         cells = [str(r["seed"]), str(r["steps"])] + [f"{r['val_bpb_stages'][k]:.5f}" for k in stages]
         cells += [f"{r['val_loss']:.5f}", f"{r['train_seconds']:.1f}", f"{eval_seconds(r):.1f}", f"{strict_eval_seconds(r):.1f}", f"{r['artifact_bytes']['total']:,}"]
@@ -172,7 +204,8 @@ def readme(runs: list[dict], best: dict, t: float, df: float, p: float, not_a_re
         f"Best entry: val_loss {best['mean']:.5f} nats (std {best['std']:.5f}, {best['n']} seed{'s' if best['n'] != 1 else ''}). Difference {statistics.mean(losses) - best['mean']:+.5f} nats; the bar is {-REQUIRED_GAIN_NATS:+.3f}.",
         f"One-sided Welch test of mean < best - {REQUIRED_GAIN_NATS}: t = {t:.3f}, {df:.1f} degrees of freedom, p = {p:.4g}.",
         "",
-        f"**Verdict: {'clears' if clears else 'does not clear'} the bar** ({'at least' if clears else 'not shown to be'} {REQUIRED_GAIN_NATS} nats better at p < {SIGNIFICANCE}).",
+        f"**Verdict: {'clears' if clears else 'does not clear'} the bar** ({'at least' if clears else 'not shown to be'} {REQUIRED_GAIN_NATS} nats better at p < {SIGNIFICANCE})."
+        + (" An example's verdict shows only how a record's is computed: its runs are not on the challenge's hardware or data." if not_a_record else ""),
         "",
         "Files: `train_gpt.py` (the counted code), `submission.json`, `requirements.txt`, the train logs.",
     ]
@@ -198,7 +231,7 @@ def make_record(run_folders: list[Path], code_path: Path, out: Path, best: dict,
     shutil.copy(requirements, out / "requirements.txt")
     for r in runs:
         shutil.copy(r["log"], out / f"train_seed{r['seed']}.txt")
-    fields = ("run_id", "seed", "steps", "val_bpb", "val_loss", "val_bpb_stages", "train_seconds", "stage_seconds", "artifact_bytes", "code_sha256", "hardware", "torch")
+    fields = ("run_id", "seed", "steps", "val_bpb", "val_loss", "val_bpb_stages", "train_seconds", "stage_seconds", "artifact_bytes", "code_sha256", "hardware", "torch", "data")
     summary = dict(
         val_bpb=round(statistics.mean(r["val_bpb"] for r in runs), 6),
         val_loss=round(statistics.mean(r["val_loss"] for r in runs), 6),

@@ -658,6 +658,20 @@ def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> 
     return torch.from_numpy(tokens[:usable].astype(np.int64))
 
 
+CHALLENGE_VALIDATION_DOCUMENTS = 50_000  # the challenge's fixed validation set: FineWeb's first 50k documents
+
+
+def describe_data(val_files: list[Path], val_tokens: torch.Tensor, target_bytes: torch.Tensor, sidecar, train_files: list[Path]) -> dict:
+    """What a run trained and was scored on, for its submission.json: the validation documents in
+    the shards (the BOS count, before the cut to whole windows), the scored targets and bytes, a
+    fingerprint of the scored tokens (runs of one record share it), and the training shards."""
+    documents = sum(int((np.asarray(read_shard(f)) == BOS_ID).sum()) for f in val_files)
+    fingerprint = hashlib.sha256(val_tokens.numpy().astype(np.uint16).tobytes()).hexdigest()[:16]
+    return dict(validation_documents=documents, validation_targets=len(val_tokens) - 1, validation_bytes=int(target_bytes.sum()),
+                byte_sidecar=sidecar is not None, validation_sha256=fingerprint,
+                train_shards=len(train_files), train_tokens=sum(len(read_shard(f)) for f in train_files))
+
+
 def load_tokenizer(path: Path, vocab_size: int):
     import sentencepiece as spm
 
@@ -3270,12 +3284,13 @@ def run(h: Hyperparameters, rt: Runtime, log: Logger, files: RunFiles):
         train_files = [] if h.eval_only else find_shards(h, "train")
         for f in train_files:
             read_shard(f)  # the header and size of every shard, before the clock
+        data = describe_data(val_files, val_tokens, target_bytes, sidecar, train_files)
     log_environment(h, rt, log)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
-    log(f"data: {len(train_files)} train shards, {len(val_tokens) - 1:,} validation targets, {int(target_bytes.sum()):,} validation bytes (from {'the byte sidecars' if sidecar is not None else 'the tokenizer'})")
+    log(f"data: {len(train_files)} train shards ({data['train_tokens']:,} tokens); validation {data['validation_documents']:,} documents, {data['validation_targets']:,} targets, {data['validation_bytes']:,} bytes (from {'the byte sidecars' if sidecar is not None else 'the tokenizer'}), fingerprint {data['validation_sha256']}")
     results: dict[str, EvalResult] = {}
-    summary: dict = dict(run_id=h.run_id, seed=h.seed, world_size=rt.world_size, torch=torch.__version__, hardware=f"{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'} x{rt.world_size}")
+    summary: dict = dict(run_id=h.run_id, seed=h.seed, world_size=rt.world_size, torch=torch.__version__, hardware=f"{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'} x{rt.world_size}", data=data)
 
     submitted_code = counted_code(h, log, files.code if rt.is_main else None)
     code = len(submitted_code)  # counted against the limit with the weights

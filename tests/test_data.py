@@ -182,6 +182,27 @@ def test_validation_tokens_truncated_to_whole_windows(tmp_path):
         tg.load_validation_tokens(files, seq_len=16, vocab_size=70)
 
 
+def test_the_run_records_which_data_it_used(tmp_path):
+    """submission.json's data: the documents in the shards (a short last one cut off by the
+    windows still counts: the set is the shards'), the scored targets and bytes, a fingerprint that
+    follows the scored tokens, and the training shards and tokens."""
+    bos = tg.BOS_ID
+    val = np.array([bos, 5, 6, 7, bos, 8, 9, 10, 11, 12, bos, 13, 14, bos, 15], dtype=np.uint16)  # 4 documents
+    tg.write_shard(tmp_path / "fineweb_val_000000.bin", val[:9])
+    tg.write_shard(tmp_path / "fineweb_val_000001.bin", val[9:])
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(2, 40, dtype=np.uint16))
+    val_files, train_files = sorted(tmp_path.glob("fineweb_val_*.bin")), sorted(tmp_path.glob("fineweb_train_*.bin"))
+    tokens = tg.load_validation_tokens(val_files, seq_len=4, vocab_size=100)  # 13 tokens: the last BOS and 15 cut off
+    nbytes = torch.ones(len(tokens) - 1)
+    data = tg.describe_data(val_files, tokens, nbytes, None, train_files)
+    assert data == dict(validation_documents=4, validation_targets=12, validation_bytes=12, byte_sidecar=False,
+                        validation_sha256=data["validation_sha256"], train_shards=1, train_tokens=38)
+    other = tokens.clone()
+    other[3] = 99
+    assert tg.describe_data(val_files, other, nbytes, None, train_files)["validation_sha256"] != data["validation_sha256"]
+    assert tg.describe_data(val_files, tokens.clone(), nbytes, None, [])["validation_sha256"] == data["validation_sha256"]
+
+
 # --- byte accounting ----------------------------------------------------------------------
 
 

@@ -50,6 +50,8 @@ def _run(folder, seed, loss, **changes):
         train_seconds=598.0, stage_seconds=dict(load_artifact=6.0, eval_quantized=3.0, eval_sliding=80.0, eval_ttt=300.0),
         artifact_bytes=dict(weights=15_960_000, code=len(CODE), total=15_960_000 + len(CODE)),
         code_sha256=hashlib.sha256(CODE).hexdigest(), hardware="NVIDIA H100 80GB HBM3 x8", torch="2.11",
+        data=dict(validation_documents=50_000, validation_targets=40_540_160, validation_bytes=151_080_633, byte_sidecar=False,
+                  validation_sha256="0123456789abcdef", train_shards=80, train_tokens=8_000_000_000),
     )
     for key, value in changes.items():
         target = summary
@@ -154,6 +156,31 @@ def test_a_run_off_the_record_hardware_makes_only_an_example(three_runs):
         mr.make_record(runs + [cpu], code, tmp_path / "record", BEST, ROOT / "requirements.txt")
     text = mr.make_record(runs + [cpu], code, tmp_path / "record", BEST, ROOT / "requirements.txt", not_a_record=True)
     assert text.startswith("# Example submission (not a record") and "Hardware: NVIDIA H100 80GB HBM3 x8, cpu x1" in text
+
+
+def test_a_record_is_scored_on_the_challenges_validation_set_and_says_so(three_runs):
+    """A record's runs were all scored on one validation set (one fingerprint) of the challenge's
+    50,000 documents, and its README states the data; other data (the development corpus) makes
+    only an example, and a summary that does not say which data it used is no record."""
+    tmp_path, runs, code = three_runs
+    text = mr.make_record(runs, code, tmp_path / "record", BEST, ROOT / "requirements.txt")
+    assert "Data: 50,000 validation documents (the challenge's validation set), 40,540,160 scored targets" in text
+    assert json.loads((tmp_path / "record" / "submission.json").read_text())["runs"][0]["data"]["validation_sha256"] == "0123456789abcdef"
+    other = _run(tmp_path / "other", 4, 2.7205, **{"data.validation_sha256": "fedcba9876543210"})
+    with pytest.raises(mr.RecordRefused, match="scored on different validation sets"):
+        mr.make_record(runs + [other], code, tmp_path / "r1", BEST, ROOT / "requirements.txt", not_a_record=True)
+    dev = [_run(tmp_path / f"dev{s}", s, 2.72 + s / 1000, **{"data.validation_documents": 971}) for s in (1, 2)]
+    with pytest.raises(mr.RecordRefused, match=r"dev1: scored on 971 validation documents, not the challenge's 50,000; --not-a-record"):
+        mr.make_record(dev, code, tmp_path / "r2", BEST, ROOT / "requirements.txt")
+    text = mr.make_record(dev, code, tmp_path / "r2", BEST, ROOT / "requirements.txt", not_a_record=True)
+    assert "971 validation documents (not the challenge's 50,000-document validation set)" in text
+    assert "An example's verdict shows only how a record's is computed" in text
+    old = _run(tmp_path / "old", 5, 2.7205, data=None)
+    summary = json.loads((old / "submission.json").read_text()); del summary["data"]
+    (old / "submission.json").write_text(json.dumps(summary))
+    with pytest.raises(mr.RecordRefused, match="does not say which data the run used"):
+        mr.make_record(runs + [old], code, tmp_path / "r3", BEST, ROOT / "requirements.txt")
+    assert not any((tmp_path / r).exists() for r in ("r1", "r3"))
 
 
 def test_the_limit_holds_on_the_records_count_and_both_counts_are_reported(three_runs):

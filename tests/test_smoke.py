@@ -102,6 +102,7 @@ def test_submission_json(smoke_run):
     assert sizes["code"] == (cwd / "train_gpt.packed.py").stat().st_size
     assert summary["code_sha256"] == hashlib.sha256((cwd / "train_gpt.packed.py").read_bytes()).hexdigest()
     assert summary["torch"] and summary["hardware"] and summary["eval_seconds"]["lora_ttt"] > 0
+    assert summary["data"]["validation_documents"] == 50 and summary["data"]["train_shards"] == 2  # tests/tiny_data.py's corpus
     assert summary["eval_total_seconds"] >= sum(summary["eval_seconds"].values()) + summary["stage_seconds"]["compile_lora_ttt"]
     assert summary["val_bpb"] == pytest.approx(summary["val_bpb_stages"]["lora_ttt"], abs=1e-6) and summary["final_stage"] == "lora_ttt"  # the final score
     # the records' count: the quantized and LoRA TTT stages (the first scored token to the final score), not the load, compiles or the diagnostics after

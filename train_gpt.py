@@ -402,6 +402,12 @@ def init_runtime() -> Runtime:
     return Runtime(rank, world, local_rank, device)
 
 
+def rank_share(count: int, rt: Runtime) -> int:
+    """This rank's part of count items dealt as evenly as possible (the first count % world ranks
+    take one more); the parts add up to count."""
+    return count // rt.world_size + (rt.rank < count % rt.world_size)
+
+
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=op)
@@ -1748,7 +1754,7 @@ def collect_hessians(model: GPT, loader: TrainLoader, num_seqs: int, rt: Runtime
     for name, module in targets.items():
         if module is not None:
             hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: accumulate(name, args[0])))
-    local = num_seqs // rt.world_size + (rt.rank < num_seqs % rt.world_size)
+    local = rank_share(num_seqs, rt)
     try:
         with eager(model), autocast(rt.device):
             done = 0
@@ -1941,7 +1947,7 @@ def measure_rounding_damage(model: GPT, qstate: dict, loader: TrainLoader, num_s
     that group alone takes its quantized values. Training data only; each rank scores its share
     of the sequences and the sums are all-reduced, so every rank gets the same figures."""
     params = dict(model.named_parameters())
-    local = num_seqs // rt.world_size + (rt.rank < num_seqs % rt.world_size)
+    local = rank_share(num_seqs, rt)
     batches, have = [], 0
     while have < local:
         x, y = loader.next_batch()
@@ -2459,6 +2465,12 @@ class _Accumulator:
         self.untilted_nll = torch.zeros((), dtype=torch.float64, device=device)  # LoRA TTT's scores without the n-gram tilt
         self.token_nll = None if num_targets is None else torch.full((num_targets,), float("nan"), dtype=torch.float64)
 
+    def reduced(self) -> tuple[float, float, int, float]:
+        """The sums over every rank: nll, bytes, targets and untilted nll (every rank gets them)."""
+        for t in (self.nll, self.bytes, self.count, self.untilted_nll):
+            all_reduce(t)
+        return self.nll.item(), self.bytes.item(), int(self.count.item()), self.untilted_nll.item()
+
 
 @torch.no_grad()
 def _score_windows(model, tokens, windows, seq_len, batch_seqs, target_bytes, acc, device):
@@ -2522,9 +2534,8 @@ def evaluate(model, tokens, target_bytes, seq_len, stride, batch_seqs, rt, ttt: 
             train_steps += _ttt_train_chunk(model, optimizer, tokens, c * chunk, chunk, seq_len, lr, ttt, rt, trace)
             synchronize(rt.device)
         chunk_seconds.append((t_scored - t_chunk, time.perf_counter() - t_scored))
-    for t in (acc.nll, acc.bytes, acc.count):
-        all_reduce(t)
-    return EvalResult(acc.nll.item(), acc.bytes.item(), int(acc.count.item()), time.perf_counter() - t0, acc.token_nll, chunk_seconds, train_steps)
+    nll, nbytes, count, _ = acc.reduced()
+    return EvalResult(nll, nbytes, count, time.perf_counter() - t0, acc.token_nll, chunk_seconds, train_steps)
 
 
 def warm_up_windows(model, h: Hyperparameters, device: torch.device):
@@ -3033,10 +3044,8 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
                 log(f"  lora_ttt: global SGD phase after {len(scored):,} documents ({sum(e - f for f, e in scored):,} tokens): {steps} steps, {time.perf_counter() - t_phase:.1f}s, at {time.perf_counter() - t0:.0f}s")
     if artifact_weights is not None:  # what runs after (the sliding diagnostic) scores the artifact, not weights trained on validation
         torch._foreach_copy_([p.detach() for p in model.parameters()], artifact_weights)
-    for t in (acc.nll, acc.bytes, acc.count, acc.untilted_nll):
-        all_reduce(t)
-    untilted = acc.untilted_nll.item() if h.ngram_tilt_beta > 0 else None
-    return EvalResult(acc.nll.item(), acc.bytes.item(), int(acc.count.item()), time.perf_counter() - t0, acc.token_nll, [], train_steps, untilted)
+    nll, nbytes, count, untilted = acc.reduced()
+    return EvalResult(nll, nbytes, count, time.perf_counter() - t0, acc.token_nll, [], train_steps, untilted if h.ngram_tilt_beta > 0 else None)
 
 
 def warm_up_lora_ttt(model: GPT, h: Hyperparameters, device: torch.device) -> float:

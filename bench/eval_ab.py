@@ -26,6 +26,7 @@ TTT are left out (bench/ab.py --eval-only runs the whole evaluation, one process
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -79,6 +80,14 @@ def window_blind(variants: list[tuple[str, "tg.Hyperparameters"]], longest_targe
     return [name for name, hv in variants[1:] if hv.lora_ttt_window() != first and longest_targets <= min(first, hv.lora_ttt_window())]
 
 
+def model_settings(h: "tg.Hyperparameters", variants: list[tuple[str, "tg.Hyperparameters"]]) -> "tg.Hyperparameters":
+    """The settings the one model is built with: h with the longest LoRA TTT window of any variant,
+    so that RoPE's tables cover every window as that variant's own run builds them. (A window past
+    the tables gets NTK-rescaled angles at every position: another model.) Positions both cover
+    have the same angles, so the other variants score as they would alone."""
+    return dataclasses.replace(h, lora_ttt_seq_len=max(hv.lora_ttt_seq_len for _, hv in variants))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--artifact", action="append", required=True, help="an artifact to evaluate (repeat for several seeds)")
@@ -120,7 +129,7 @@ def main(argv=None):
     for name in window_blind(variants, longest):
         say(f"note: {name}: no selected document has more than {longest:,} targets, within both windows: the variant measures only another compiled shape (drop --max-doc-targets to test a window)", flush=True)
 
-    model = tg.build_model(h, rt, tg.Logger(None))
+    model = tg.build_model(model_settings(h, variants), rt, tg.Logger(None))
     results: dict[str, dict[str, dict]] = {}
     for path in args.artifact:
         t0 = time.perf_counter()

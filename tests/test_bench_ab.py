@@ -107,3 +107,20 @@ def test_eval_ab_says_when_a_window_variant_cannot_matter():
     variants = [("base", h), ("w2560", replace(h, lora_ttt_seq_len=2560)), ("lr", replace(h, lora_ttt_lr=1e-4)), ("same", replace(h, lora_ttt_seq_len=h.eval_seq_len))]
     assert eval_ab.window_blind(variants, 2008) == ["w2560"]
     assert eval_ab.window_blind(variants, h.eval_seq_len + 1) == []
+
+
+def test_eval_ab_builds_rope_for_every_variants_window_as_its_own_run_would():
+    """The one model's RoPE tables cover the longest variant window, with the angles that variant's
+    own run (LORA_TTT_SEQ_LEN set) builds at every position, and the base's at the base's
+    positions; a model built for the base window alone would rescale them (the bug it guards)."""
+    h = tg.Hyperparameters.from_env({})
+    variants = [("base", h), ("w2560", replace(h, lora_ttt_seq_len=2560)), ("lr", replace(h, lora_ttt_lr=1e-4))]
+    built = eval_ab.model_settings(h, variants)
+
+    def rope(s):
+        return tg.PartialRotary(s.rope_dims, s.rope_base, s.train_seq_len, s.longest_sequence())
+
+    x = torch.randn(1, 2560, 2, h.model_dim // h.num_heads)
+    assert torch.equal(rope(built)(x), rope(variants[1][1])(x))
+    assert torch.equal(rope(built)(x[:, : h.eval_seq_len]), rope(h)(x[:, : h.eval_seq_len]))
+    assert not torch.allclose(rope(h)(x)[:, :100], rope(built)(x)[:, :100])  # base-only tables, run at 2560: rescaled

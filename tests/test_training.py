@@ -477,3 +477,12 @@ def test_step_settings_are_the_whole_schedule():
     assert middle.looping and middle.seq_len == 2048 and middle.lr_mult == pytest.approx(0.5 / 0.85 * 11 / 32) and middle.momentum == pytest.approx(0.97)  # warmdown x re-warm
     late = tg.step_settings(4000, 0.95, h)
     assert late.seq_len == 3072 and late.lr_mult == pytest.approx(max(0.10, 0.05 / 0.85)) and late.wd_mult == 1.0
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 8, 33])
+@pytest.mark.parametrize("world", [1, 3, 8])
+def test_rank_share_deals_every_item_once_and_evenly(count, world):
+    """The calibration's and the damage measurement's per-rank sequence counts add up to the total
+    and differ by at most one."""
+    shares = [tg.rank_share(count, tg.Runtime(r, world, r, torch.device("cpu"))) for r in range(world)]
+    assert sum(shares) == count and max(shares) - min(shares) <= 1

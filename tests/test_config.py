@@ -22,7 +22,7 @@ def test_defaults_match_the_record():
     assert (h.muon_ns_coefficients, h.smear_gate) == ("polar_express", True)
     # overturned by the B2-horizon A/B (EXPERIMENTS.md, "Training defaults at the B2 horizon"): #2135 has 5.0, 0.028, on at 0.5, 0.99, 0.85
     assert (h.qk_gain_init, h.muon_lr, h.attn_gate, h.attn_gate_scale, h.adam_beta2, h.warmdown_frac) == (5.25, 0.026, False, 1.0, 0.95, 0.72)
-    # the accepted rows' settings (#2135; README, parity table), kept unless a B2-horizon A/B overturns one
+    # the accepted rows' settings (#2135; EXPERIMENTS.md, parity table), kept unless a B2-horizon A/B overturns one
     assert (h.gptq_calib_seqs, h.lqer_group, h.lora_ttt_lr, h.lora_ttt_wd, h.lora_ttt_targets, h.lora_ttt_phases) == (32, 32, 8e-5, 2.0, "q,v,o,mlp,head", 1)
     assert (h.ngram_tilt_order, h.ngram_tilt_min_share, h.ngram_tilt_beta) == (15, 0.8, 2.625)
     h.validate(world_size=8)

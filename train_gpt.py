@@ -291,6 +291,11 @@ class Hyperparameters:
         """The blocks a forward runs, in order: with depth recurrence (looping) or without."""
         return virtual_layer_order(self.num_layers, self.loop_start, self.loop_end, self.num_loops if looping else 0)
 
+    def model_config(self) -> ModelConfig:
+        """The model's settings (ModelConfig), RoPE's tables covering the run's longest window."""
+        names = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "rope_max_len"]
+        return ModelConfig(**{k: getattr(self, k) for k in names}, rope_max_len=self.longest_sequence())
+
     def accum_steps(self, world_size: int) -> int:
         return self.grad_accum_steps or max(1, 8 // world_size)
 
@@ -763,6 +768,47 @@ def validation_target_bytes(tokens: torch.Tensor, tables: ByteTables, sidecar: t
 # the blocks compile one by one (regional compilation), so every variant compiles in seconds.
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the model's modules read, and nothing else: GPT, Block, Attention and MLP take
+    this, never the run's settings (Hyperparameters.model_config() builds it). The artifact's
+    header stores the ARCH_FIELDS, every setting that changes what the stored weights compute;
+    EVAL_ONLY rebuilds the model from them. The last three only build it: two initial scales
+    (the stored weights replace them) and the length RoPE's tables cover (the run's longest
+    window, training or LoRA TTT: an evaluation setting)."""
+
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_mult: int
+    loop_start: int
+    loop_end: int
+    num_loops: int
+    smear_gate: bool
+    attn_gate: bool
+    xsa_gate: bool
+    lanes_from_layer: int  # the first 13 fields: artifacts before 2026-12-07 store only these
+    parallel_from_layer: int
+    rope_dims: int
+    rope_base: float
+    logit_softcap: float
+    attn_gate_scale: float
+    train_seq_len: int
+    doc_mask: bool
+    qk_gain_init: float
+    tied_embed_init_std: float
+    rope_max_len: int
+
+    def layer_order(self, looping: bool = True) -> list[int]:
+        return virtual_layer_order(self.num_layers, self.loop_start, self.loop_end, self.num_loops if looping else 0)
+
+
+BUILD_ONLY_FIELDS = ("qk_gain_init", "tied_embed_init_std", "rope_max_len")
+ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in BUILD_ONLY_FIELDS)  # the header's
+
+
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
@@ -892,19 +938,19 @@ def lora_delta(x: torch.Tensor, pair: tuple[torch.Tensor, torch.Tensor]) -> torc
 
 
 class Attention(nn.Module):
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
-        self.head_dim = h.model_dim // h.num_heads
-        self.qkv = nn.Linear(h.model_dim, (h.num_heads + 2 * h.num_kv_heads) * self.head_dim, bias=False)
-        self.proj = nn.Linear(h.model_dim, h.model_dim, bias=False)
-        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        self.rotary = PartialRotary(h.rope_dims, h.rope_base, h.train_seq_len, h.longest_sequence())
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        self.qkv = nn.Linear(cfg.model_dim, (cfg.num_heads + 2 * cfg.num_kv_heads) * self.head_dim, bias=False)
+        self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.rotary = PartialRotary(cfg.rope_dims, cfg.rope_base, cfg.train_seq_len, cfg.rope_max_len)
         self.backend = "math"  # set by configure_kernels
         # sparse output gate: head h's output times sigmoid(s W_h x[:GATE_INPUTS]); W = 0 gives 1/2
-        self.gate = nn.Parameter(torch.zeros(h.num_heads, GATE_INPUTS)) if h.attn_gate else None
-        self.gate_scale = h.attn_gate_scale
-        self.xsa_alpha = nn.Parameter(torch.zeros(h.num_heads)) if h.xsa_gate else None  # gated XSA: strength tanh(alpha) per head
+        self.gate = nn.Parameter(torch.zeros(cfg.num_heads, GATE_INPUTS)) if cfg.attn_gate else None
+        self.gate_scale = cfg.attn_gate_scale
+        self.xsa_alpha = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.xsa_gate else None  # gated XSA: strength tanh(alpha) per head
 
     def qkv_row_blocks(self) -> list[slice]:
         """Row ranges of q, k and v inside the fused qkv weight."""
@@ -1007,10 +1053,10 @@ class _FusedMLP(torch.autograd.Function):
 
 
 class MLP(nn.Module):
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(h.model_dim, h.mlp_mult * h.model_dim, bias=False)
-        self.proj = nn.Linear(h.mlp_mult * h.model_dim, h.model_dim, bias=False)
+        self.fc = nn.Linear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim, bias=False)
+        self.proj = nn.Linear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, bias=False)
         self.fused = False  # the backward's Triton matmul with the activation's derivative in its epilogue (set by configure_kernels)
 
     def forward(self, x: torch.Tensor, lora: dict | None = None) -> torch.Tensor:
@@ -1030,14 +1076,14 @@ class Block(nn.Module):
     lane 0 (mixed with x0 as above), the MLP reads lane 1, and each lane adds both outputs with
     its own weights, lane_k' = r_k lane_k + p_k,attn attn + p_k,mlp mlp (r = 1.1, p = 1 at init)."""
 
-    def __init__(self, h: Hyperparameters, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn, self.mlp = Attention(h), MLP(h)
-        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.resid_mix = nn.Parameter(torch.stack([torch.ones(h.model_dim), torch.zeros(h.model_dim)]))
-        self.parallel = layer >= h.parallel_from_layer
-        self.two_lane = 0 < h.lanes_from_layer <= layer
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim)]))
+        self.parallel = layer >= cfg.parallel_from_layer
+        self.two_lane = 0 < cfg.lanes_from_layer <= layer
         self.lane_mix = nn.Parameter(torch.tensor([[1.1, 1.0, 1.0], [1.1, 1.0, 1.0]])) if self.two_lane else None  # per lane: r, p_attn, p_mlp
         self.register_buffer("norm_scale", torch.tensor(1.0 / math.sqrt(layer + 1)), persistent=False)
 
@@ -1147,18 +1193,6 @@ class SoftcapTokenLoss(nn.Module):
         return losses.mean() if reduction == "mean" else losses
 
 
-def simctg_loss(hidden: torch.Tensor, margin: float) -> torch.Tensor:
-    """SimCTG's token-level contrastive term (Su et al. 2022) on hidden states [B, T, C]: the mean
-    over ordered pairs i != j of one sequence of max(0, margin - 1 + cos(h_i, h_j)), which pushes
-    different positions' representations apart until their cosine is below 1 - margin. The
-    diagonal (cos = 1) is pushed below zero, so it adds nothing."""
-    z = F.normalize(hidden, dim=-1)
-    T = hidden.size(1)
-    shift = (1 - margin) + 2 * torch.eye(T, device=z.device, dtype=z.dtype)
-    penalty = F.relu(z @ z.mT - shift).to(torch.promote_types(z.dtype, torch.float32))  # summed in fp32 at least
-    return (penalty.sum(dim=(-2, -1)) / (T * (T - 1))).mean()
-
-
 class SmearGate(nn.Module):
     """e'_t = e_t + lambda sigmoid(w . e_t[:12]) e_(t-1) on the token embeddings, except where token t
     is BOS: a document's first token takes nothing from the previous document. w and lambda start
@@ -1176,16 +1210,16 @@ class SmearGate(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.h = h
-        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
-        self.smear = SmearGate() if h.smear_gate else None
-        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
-        num_skips = len(h.layer_order()) // 2
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim))
-        self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))
-        self.token_loss = SoftcapTokenLoss(h.logit_softcap)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.smear = SmearGate() if cfg.smear_gate else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        num_skips = len(cfg.layer_order()) // 2
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
+        self.token_loss = SoftcapTokenLoss(cfg.logit_softcap)
         self.looping = False  # depth recurrence on/off (switched during training)
         self.mask_kind = "dense"  # DOC_MASK's masks (document_attention_mask): set by configure_kernels, "dense" inside eager(model)
         self._init_weights()
@@ -1194,7 +1228,7 @@ class GPT(nn.Module):
     def _init_weights(self):
         if self.tok_emb.weight.is_meta:  # built only for its names and shapes
             return
-        nn.init.normal_(self.tok_emb.weight, std=self.h.tied_embed_init_std)
+        nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
         for block in self.blocks:
             for rows in block.attn.qkv_row_blocks():
                 nn.init.orthogonal_(block.attn.qkv.weight[rows])
@@ -1203,7 +1237,7 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.proj.weight)
 
     def layer_order(self) -> list[int]:
-        return self.h.layer_order(self.looping)
+        return self.cfg.layer_order(self.looping)
 
     def hidden_states(self, ids: torch.Tensor, adapters: "DocumentAdapters | None" = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, C]. The first half of the virtual layers push their
@@ -1212,7 +1246,7 @@ class GPT(nn.Module):
         document of the window; LoRA TTT's windows each hold one document already (a BOS at most
         at the start), so they take the plain causal kernel."""
         mask = None
-        if self.h.doc_mask and adapters is None:
+        if self.cfg.doc_mask and adapters is None:
             mask = document_attention_mask(ids, self.mask_kind)
         x = self.tok_emb(ids)
         if self.smear is not None:
@@ -1239,15 +1273,6 @@ class GPT(nn.Module):
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.token_loss(self.hidden_states(ids), self.tok_emb.weight, targets)
-
-    def training_loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The objective the optimizer minimises: cross-entropy, plus SIMCTG_WEIGHT x the
-        contrastive term if set (training only: evaluation and TTT score cross-entropy)."""
-        hidden = self.hidden_states(ids)
-        loss = self.token_loss(hidden, self.tok_emb.weight, targets)
-        if self.h.simctg_weight > 0:
-            loss = loss + self.h.simctg_weight * simctg_loss(hidden, self.h.simctg_margin)
-        return loss
 
     def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token negative log-likelihood (nats), shaped like targets."""
@@ -1597,12 +1622,34 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def simctg_loss(hidden: torch.Tensor, margin: float) -> torch.Tensor:
+    """SimCTG's token-level contrastive term (Su et al. 2022) on hidden states [B, T, C]: the mean
+    over ordered pairs i != j of one sequence of max(0, margin - 1 + cos(h_i, h_j)), which pushes
+    different positions' representations apart until their cosine is below 1 - margin. The
+    diagonal (cos = 1) is pushed below zero, so it adds nothing."""
+    z = F.normalize(hidden, dim=-1)
+    T = hidden.size(1)
+    shift = (1 - margin) + 2 * torch.eye(T, device=z.device, dtype=z.dtype)
+    penalty = F.relu(z @ z.mT - shift).to(torch.promote_types(z.dtype, torch.float32))  # summed in fp32 at least
+    return (penalty.sum(dim=(-2, -1)) / (T * (T - 1))).mean()
+
+
+def training_loss(model: GPT, ids: torch.Tensor, targets: torch.Tensor, h: Hyperparameters) -> torch.Tensor:
+    """The objective the optimizer minimises: cross-entropy, plus SIMCTG_WEIGHT x the contrastive
+    term if set (training only: evaluation and TTT score cross-entropy)."""
+    hidden = model.hidden_states(ids)
+    loss = model.token_loss(hidden, model.tok_emb.weight, targets)
+    if h.simctg_weight > 0:
+        loss = loss + h.simctg_weight * simctg_loss(hidden, h.simctg_margin)
+    return loss
+
+
 def train_step(model, optimizers, loader, h, rt, accum, lr_mult, momentum, wd_mult=1.0) -> torch.Tensor:
     total = torch.zeros((), device=rt.device)
     for _ in range(accum):
         x, y = loader.next_batch()
         with autocast(rt.device):
-            loss = model.training_loss(x, y)
+            loss = training_loss(model, x, y, h)
         (loss / accum).backward()
         total += loss.detach()
     loader.prefetch()  # the next step's first batch, while the GPU runs this one
@@ -1743,7 +1790,7 @@ def collect_hessians(model: GPT, loader: TrainLoader, num_seqs: int, rt: Runtime
     input of every quantized linear and for the final hidden states (the embedding's output side).
     Each rank takes its share of the sequences; the sums are all-reduced."""
     targets = quantized_matrices(model)
-    hessians = {name: torch.zeros(m.in_features if m else model.h.model_dim, m.in_features if m else model.h.model_dim, device=rt.device) for name, m in targets.items()}
+    hessians = {name: torch.zeros(m.in_features if m else model.cfg.model_dim, m.in_features if m else model.cfg.model_dim, device=rt.device) for name, m in targets.items()}
     hooks, seen = [], set()
 
     def accumulate(name, x):
@@ -2021,11 +2068,6 @@ def allocate_quantization_steps(model: GPT, hessians: dict, loader: TrainLoader,
 
 ARTIFACT_MAGIC = b"PGOLF1"
 ARTIFACT_LIMIT_BYTES = 16_000_000
-ARCH_FIELDS = (  # every setting that changes what the stored weights compute; the header keeps them all
-    "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "loop_start", "loop_end", "num_loops",
-    "smear_gate", "attn_gate", "xsa_gate", "lanes_from_layer",  # the first 13: artifacts before 2026-12-07 store only these
-    "parallel_from_layer", "rope_dims", "rope_base", "logit_softcap", "attn_gate_scale", "train_seq_len", "doc_mask",
-)
 
 
 def byte_shuffle(data: bytes, stride: int) -> bytes:
@@ -2184,7 +2226,7 @@ def artifact_layout(h: Hyperparameters) -> list[tuple[str, torch.Size, bool]]:
     """(name, shape, quantized?) of every stored tensor in state_dict order, derived from the
     architecture alone so that the artifact stores no names or shapes."""
     with torch.device("meta"):
-        model = GPT(h)
+        model = GPT(h.model_config())
     quantized = quantized_matrices(model)
     return [(name, t.shape, name in quantized) for name, t in model.state_dict().items()]
 
@@ -2679,15 +2721,15 @@ class DocumentAdapters(nn.Module):
 
     def __init__(self, model: GPT, rows: int, rank: int, alpha: float, targets: tuple[str, ...] = LORA_TTT_TARGETS):
         super().__init__()
-        h = model.h
-        kv = h.num_kv_heads * (h.model_dim // h.num_heads)
-        self.outputs = {t: out for t, out in dict(q=h.model_dim, k=kv, v=kv, o=h.model_dim, mlp=h.model_dim).items() if t in targets}
+        cfg = model.cfg
+        kv = cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+        self.outputs = {t: out for t, out in dict(q=cfg.model_dim, k=kv, v=kv, o=cfg.model_dim, mlp=cfg.model_dim).items() if t in targets}
         layers = len(model.layer_order())
         generator = torch.Generator().manual_seed(0)
         device = model.tok_emb.weight.device
 
         def draw():  # one A for every row
-            return (2 * torch.rand(h.model_dim, rank, generator=generator) - 1) / math.sqrt(h.model_dim)
+            return (2 * torch.rand(cfg.model_dim, rank, generator=generator) - 1) / math.sqrt(cfg.model_dim)
 
         # one tensor per virtual layer and target (contiguous inputs for the compiled blocks); A is
         # drawn for every target, so that an adapter's A does not depend on which ones are on
@@ -2700,7 +2742,7 @@ class DocumentAdapters(nn.Module):
         self.head_A = self.head_B = None
         if "head" in targets:
             self.head_A = nn.Parameter(self.initial_A["head"].expand(rows, -1, -1).clone())
-            self.head_B = nn.Parameter(torch.zeros(rows, rank, h.vocab_size, device=device))
+            self.head_B = nn.Parameter(torch.zeros(rows, rank, cfg.vocab_size, device=device))
         self.scale = alpha / rank
 
     def layer(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -2766,7 +2808,7 @@ def _adapted_token_nll(model: GPT, adapters: DocumentAdapters, x: torch.Tensor, 
     logits = F.linear(hidden, model.tok_emb.weight.to(hidden.dtype))
     if adapters.head() is not None:
         logits = logits + lora_delta(hidden, adapters.head())
-    z = softcapped(logits, model.h.logit_softcap)
+    z = softcapped(logits, model.cfg.logit_softcap)
     log_normalizer = z.logsumexp(-1)
     return log_normalizer - z.gather(-1, y[..., None]).squeeze(-1), z.gather(-1, hints[..., None]).squeeze(-1).detach() - log_normalizer.detach()
 
@@ -3089,7 +3131,7 @@ def log_environment(h: Hyperparameters, rt: Runtime, log: Logger):
 
 
 def build_model(h: Hyperparameters, rt: Runtime, log: Logger) -> GPT:
-    model = GPT(h).to(rt.device)
+    model = GPT(h.model_config()).to(rt.device)
     kernels = configure_kernels(model, h, rt.device)
     if h.compile:
         compile_model(model)

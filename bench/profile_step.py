@@ -99,7 +99,7 @@ def main():
     torch.cuda.set_device(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     h.validate(1)
-    model = tg.GPT(h).cuda()
+    model = tg.GPT(h.model_config()).cuda()
     tg.configure_kernels(model, h, rt.device)
     if mode.startswith("regional") and "autotune" in opts:
         torch._dynamo.config.cache_size_limit = 64
@@ -110,7 +110,7 @@ def main():
         mode += "+autotune"
     elif mode.startswith("regional"):
         tg.compile_model(model)
-    else:  # training_loss calls hidden_states: compiling forward would leave the training step eager
+    else:  # the training loss calls hidden_states: compiling forward would leave the training step eager
         torch._dynamo.config.cache_size_limit = 64
         model.hidden_states = torch.compile(model.hidden_states, dynamic=False, fullgraph=True)
         if not model.token_loss.fused:

@@ -79,7 +79,7 @@ def test_timing_artifact_loads_as_a_looping_model():
     spec.loader.exec_module(module)
     h = tiny_hyperparameters(artifact_target_bytes=0, lqer_rank=0)
     state, looping = module.tg.unpack_artifact(module.timing_artifact(h), h)
-    model = module.tg.GPT(h)
+    model = module.tg.GPT(h.model_config())
     model.load_state_dict(state)
     assert looping and set(state) == set(model.state_dict())
 

@@ -22,7 +22,7 @@ MODES = {
 def _model(seed=0):
     torch.manual_seed(seed)
     h = tiny_hyperparameters(eval_seq_len=SEQ)
-    model = tg.GPT(h)
+    model = tg.GPT(h.model_config())
     for p in model.parameters():
         p.data.normal_(0, 0.15)
     model.looping = True
@@ -202,7 +202,7 @@ def test_with_doc_mask_a_document_changes_no_score_of_another(tiny_data, cpu_run
 
     def scores(doc_mask, toks):
         torch.manual_seed(0)
-        model = tg.GPT(tiny_hyperparameters(eval_seq_len=SEQ, doc_mask=doc_mask))
+        model = tg.GPT(tiny_hyperparameters(eval_seq_len=SEQ, doc_mask=doc_mask).model_config())
         for p in model.parameters():
             p.data.normal_(0, 0.15)
         model.looping = True

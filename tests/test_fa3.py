@@ -54,7 +54,7 @@ def test_fa3_kernel_matches_sdpa_forward_and_gradients(doc_mask):
 def _compiled_model(backend: str, doc_mask: bool):
     h = fa3_hyperparameters(attention_backend=backend, doc_mask=doc_mask, compile=True)
     torch.manual_seed(0)
-    model = tg.GPT(h).cuda()
+    model = tg.GPT(h.model_config()).cuda()
     for p in model.parameters():  # the zero-initialised projections would hide the blocks
         p.data.add_(torch.randn_like(p) * 0.02)
     summary = tg.configure_kernels(model, h, torch.device("cuda"))
@@ -78,7 +78,7 @@ def test_fa3_in_compiled_blocks_trains_like_cudnn(doc_mask):
         model.looping = True
         torch._dynamo.utils.counters.clear()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.training_loss(ids[:, :-1], ids[:, 1:])
+            loss = tg.training_loss(model, ids[:, :-1], ids[:, 1:], h)
         loss.backward()
         assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
         results[backend] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]))

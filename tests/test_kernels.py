@@ -41,7 +41,7 @@ def loss_and_grads(loss_module, hidden, weight, targets):
 
 
 def test_configure_kernels_keeps_the_plain_path_on_cpu():
-    model = tg.GPT(tiny_hyperparameters())
+    model = tg.GPT(tiny_hyperparameters().model_config())
     summary = tg.configure_kernels(model, tiny_hyperparameters(speedups=True), torch.device("cpu"))
     assert not model.token_loss.fused and not any(block.mlp.fused for block in model.blocks)
     assert summary == "attention math, fused loss and MLP off"
@@ -173,7 +173,7 @@ def test_training_step_with_and_without_speedups_agree_on_gpu():
     results = []
     for speedups in (False, True):
         torch.manual_seed(0)
-        model = tg.GPT(h).cuda()
+        model = tg.GPT(h.model_config()).cuda()
         for p in model.parameters():  # the zero-initialised projections would hide the blocks
             p.data.add_(torch.randn_like(p) * 0.02)
         tg.configure_kernels(model, tiny_hyperparameters(speedups=speedups), torch.device("cuda"))
@@ -200,7 +200,7 @@ def sdpa_flags():
 def test_auto_attention_takes_fa3_for_every_use_where_it_imports(monkeypatch, sdpa_flags):
     """ATTENTION_BACKEND=auto follows the measured table (FA3 fastest at the training, LoRA TTT
     and evaluation shapes) and says so in the log; without FA3 it takes cuDNN and says why."""
-    model = tg.GPT(tiny_hyperparameters())
+    model = tg.GPT(tiny_hyperparameters().model_config())
     monkeypatch.setattr(tg, "flash_attn_3", object())
     summary = tg.configure_kernels(model, tiny_hyperparameters(), torch.device("cuda"))
     assert summary.startswith("attention fa3 for training, LoRA TTT and the evaluation windows (auto: the fastest measured at each)")

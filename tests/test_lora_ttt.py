@@ -88,7 +88,7 @@ def test_a_wider_lora_window_scores_from_that_much_prefix_with_extrapolated_rope
     h = _h(lora_ttt_lr=0.0, lora_ttt_seq_len=wide)
     h.validate(1)
     torch.manual_seed(0)
-    model = tg.GPT(h).double()
+    model = tg.GPT(h.model_config()).double()
     for p in model.parameters():
         p.data.normal_(0, 0.15)
     model.looping = True
@@ -114,7 +114,7 @@ def test_with_doc_mask_lora_rows_take_the_plain_causal_kernel(learned, cpu_runti
     nothing to mask there: no mask is built and every score is the unmasked model's."""
     tokens, tables, _, r, _ = learned
     model = _model()
-    model.h = dataclasses.replace(model.h, doc_mask=True)
+    model.cfg = dataclasses.replace(model.cfg, doc_mask=True)
     monkeypatch.setattr(tg, "document_attention_mask", lambda ids, kind: pytest.fail("a document mask for LoRA TTT rows"))
     masked = _lora(tokens, tables, cpu_runtime, model=model, return_token_nll=True)
     assert torch.equal(masked.token_nll, r.token_nll)

@@ -1,8 +1,10 @@
 """The recurrent transformer's parts, each against its definition."""
 
+import dataclasses
 import math
 
 import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -12,7 +14,7 @@ from conftest import tiny_hyperparameters
 
 def test_record_model_has_35_9m_parameters():
     with torch.device("meta"):
-        model = tg.GPT(tg.Hyperparameters())
+        model = tg.GPT(tg.Hyperparameters().model_config())
     n = sum(p.numel() for p in model.parameters())
     assert 35.8e6 < n < 36.0e6
     assert len(model.blocks) == 11 and model.skip_weights.shape == (8, 512)
@@ -28,7 +30,7 @@ def test_virtual_layer_order_with_and_without_recurrence():
 
 def test_model_runs_the_order_its_looping_flag_selects():
     h = tiny_hyperparameters()
-    model = tg.GPT(h)
+    model = tg.GPT(h.model_config())
     calls = []
     for i, block in enumerate(model.blocks):
         block.register_forward_pre_hook(lambda m, args, i=i: calls.append((i, len(args) > 2)))
@@ -58,7 +60,7 @@ def test_xsa_output_is_orthogonal_to_own_value_vector():
 def _attention_pair(h_gated, h_plain, extra: str):
     """An attention module with one extra parameter and the same module without it, sharing every
     other weight (float64); each records the input of its output projection in the dict returned."""
-    gated, plain = tg.Attention(h_gated).double(), tg.Attention(h_plain).double()
+    gated, plain = tg.Attention(h_gated.model_config()).double(), tg.Attention(h_plain.model_config()).double()
     plain.load_state_dict({k: t for k, t in gated.state_dict().items() if k != extra})
     captured = {}
     for name, m in (("gated", gated), ("plain", plain)):
@@ -84,14 +86,14 @@ def test_gated_xsa_removes_each_heads_fraction_and_starts_off():
     x = torch.randn(2, 12, h.model_dim, dtype=torch.float64)
     gated(x), plain(x)
     assert not torch.allclose(outputs["gated"], outputs["plain"])  # plain has XSA; the gated one starts without it
-    model = tg.GPT(h)
+    model = tg.GPT(h.model_config())
     _, _, scalars = tg.split_parameters(model)
     assert any(p is model.blocks[0].attn.xsa_alpha for p in scalars) and "xsa_gate" in tg.ARCH_FIELDS
 
 
 def test_xsa_inside_attention_module():
     h = tiny_hyperparameters()
-    attn = tg.Attention(h).double()
+    attn = tg.Attention(h.model_config()).double()
     captured = {}
     attn.proj.register_forward_pre_hook(lambda m, args: captured.setdefault("y", args[0]))
     x = torch.randn(2, 12, h.model_dim, dtype=torch.float64)
@@ -136,7 +138,7 @@ def test_rope_base_rescaled_past_training_length():
 
 def _block_pair(parallel: bool):
     h = tiny_hyperparameters(parallel_from_layer=1)
-    block = tg.Block(h, layer=1 if parallel else 0).double()
+    block = tg.Block(h.model_config(), layer=1 if parallel else 0).double()
     for p in block.parameters():
         p.data.normal_(0, 0.3)
     return h, block
@@ -177,7 +179,7 @@ def test_init_and_layer_roles():
     h = tg.Hyperparameters()
     with torch.device("cpu"):
         h_small = tiny_hyperparameters(model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2)
-        model = tg.GPT(h_small)
+        model = tg.GPT(h_small.model_config())
     block = model.blocks[0]
     assert block.attn.proj.weight.abs().sum() == 0 and block.mlp.proj.weight.abs().sum() == 0
     for rows in block.attn.qkv_row_blocks():
@@ -191,7 +193,7 @@ def test_init_and_layer_roles():
 
 def test_loss_uses_softcapped_tied_logits():
     h = tiny_hyperparameters(logit_softcap=2.0)
-    model = tg.GPT(h)
+    model = tg.GPT(h.model_config())
     model.tok_emb.weight.data.normal_(0, 1.0)  # large logits so the cap matters
     ids = torch.randint(0, h.vocab_size, (2, 8))
     targets = torch.randint(0, h.vocab_size, (2, 8))
@@ -204,7 +206,7 @@ def test_loss_uses_softcapped_tied_logits():
 
 def test_model_is_causal():
     h = tiny_hyperparameters()
-    model = tg.GPT(h)
+    model = tg.GPT(h.model_config())
     for p in model.parameters():
         p.data.normal_(0, 0.2)
     model.looping = True
@@ -276,13 +278,13 @@ def test_simctg_term_against_a_hand_computation():
 def test_simctg_enters_the_training_loss_only():
     h = tiny_hyperparameters(simctg_weight=0.3, simctg_margin=0.9)
     torch.manual_seed(0)
-    model = tg.GPT(h)
+    model = tg.GPT(h.model_config())
     ids, targets = torch.randint(0, h.vocab_size, (2, 16)), torch.randint(0, h.vocab_size, (2, 16))
     term = tg.simctg_loss(model.hidden_states(ids), 0.9)
     assert term > 0
-    assert model.training_loss(ids, targets).item() == pytest.approx(model(ids, targets).item() + 0.3 * term.item(), rel=1e-6)
-    model.h = tiny_hyperparameters()  # weight 0: the training loss is the cross-entropy
-    assert model.training_loss(ids, targets).item() == pytest.approx(model(ids, targets).item(), rel=1e-6)
+    assert tg.training_loss(model, ids, targets, h).item() == pytest.approx(model(ids, targets).item() + 0.3 * term.item(), rel=1e-6)
+    # weight 0: the training loss is the cross-entropy; the model itself never adds the term
+    assert tg.training_loss(model, ids, targets, tiny_hyperparameters()).item() == pytest.approx(model(ids, targets).item(), rel=1e-6)
 
 
 def _randomised(model, seed=0):
@@ -294,8 +296,8 @@ def _randomised(model, seed=0):
 
 def test_two_lane_block_follows_its_formula():
     h = tiny_hyperparameters(lanes_from_layer=3)
-    block = _randomised(tg.Block(h, 3))
-    assert block.two_lane and not tg.Block(h, 2).two_lane
+    block = _randomised(tg.Block(h.model_config(), 3))
+    assert block.two_lane and not tg.Block(h.model_config(), 2).two_lane
     x, x0, lane1 = (torch.randn(2, 8, h.model_dim, dtype=torch.float64) for _ in range(3))
     out0, out1 = block(x, x0, lane1=lane1)
     mixed = block.resid_mix[0] * x + block.resid_mix[1] * x0
@@ -304,7 +306,7 @@ def test_two_lane_block_follows_its_formula():
     (r0, pa0, pm0), (r1, pa1, pm1) = block.lane_mix
     assert torch.allclose(out0, r0 * mixed + pa0 * a + pm0 * m)
     assert torch.allclose(out1, r1 * lane1 + pa1 * a + pm1 * m)
-    assert torch.equal(tg.Block(h, 3).lane_mix, torch.tensor([[1.1, 1.0, 1.0], [1.1, 1.0, 1.0]]))
+    assert torch.equal(tg.Block(h.model_config(), 3).lane_mix, torch.tensor([[1.1, 1.0, 1.0], [1.1, 1.0, 1.0]]))
 
 
 @pytest.mark.parametrize("looping", [False, True])
@@ -312,8 +314,8 @@ def test_two_lane_model_reduces_to_the_one_stream_model(looping):
     """With the last block's lanes weighted so that only lane 0 carries (x + attn), the output is
     that of the one-stream model whose last block has its MLP switched off; with only lane 1
     carrying (lane + mlp), that of the model without attention there (mean of lanes, then norm)."""
-    lanes = _randomised(tg.GPT(tiny_hyperparameters(lanes_from_layer=3)))
-    plain = tg.GPT(tiny_hyperparameters(lanes_from_layer=0)).double()
+    lanes = _randomised(tg.GPT(tiny_hyperparameters(lanes_from_layer=3).model_config()))
+    plain = tg.GPT(tiny_hyperparameters(lanes_from_layer=0).model_config()).double()
     state = {k: v for k, v in lanes.state_dict().items() if "lane_mix" not in k}
     lanes.looping = plain.looping = looping
     ids = torch.randint(0, 64, (2, 16))
@@ -336,7 +338,7 @@ def test_lanes_must_start_after_the_loop_in_the_decoder_half():
 
 def test_lanes_carry_from_one_two_lane_block_to_the_next():
     h = tiny_hyperparameters(num_layers=5, lanes_from_layer=3)
-    model = _randomised(tg.GPT(h))
+    model = _randomised(tg.GPT(h.model_config()))
     ids = torch.randint(0, 64, (2, 16))
     b = model.blocks
     x0 = tg.rms_norm(model.smear(model.tok_emb(ids), ids))
@@ -351,7 +353,7 @@ def test_lanes_carry_from_one_two_lane_block_to_the_next():
 def _masked_model(doc_mask: bool):
     h = tiny_hyperparameters(doc_mask=doc_mask)
     torch.manual_seed(0)
-    model = tg.GPT(h).double()
+    model = tg.GPT(h.model_config()).double()
     for p in model.parameters():
         p.data.normal_(0, 0.2)
     model.looping = True
@@ -425,7 +427,7 @@ def test_fa3_varlen_segments_equal_the_dense_mask(monkeypatch):
     q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
     expected = tg.causal_attention(q, k, v, "math", tg.document_attention_mask(ids, "dense"))
     torch.testing.assert_close(tg.causal_attention(q, k, v, "fa3", segments), expected, rtol=1e-5, atol=1e-5)
-    model = tg.GPT(tiny_hyperparameters(doc_mask=True))
+    model = tg.GPT(tiny_hyperparameters(doc_mask=True).model_config())
     monkeypatch.setattr(tg, "flash_attn_3", object())  # FA3 importable: its varlen kernel does the masking
     assert "document masks varlen" in tg.configure_kernels(model, tiny_hyperparameters(doc_mask=True), torch.device("cuda"))
     assert model.mask_kind == "varlen" and model.blocks[0].attn.backend == "fa3"
@@ -470,3 +472,22 @@ def test_eager_passes_use_dense_document_masks_and_the_plain_mlp(monkeypatch):
         model.hidden_states(ids)
     layers = len(model.layer_order())
     assert seen == [torch.Tensor] * layers + [tg.BlockMask] * layers
+
+
+def test_the_model_is_built_from_its_model_config_alone():
+    """ModelConfig holds every setting the modules read and nothing of the run's: settings that
+    differ only outside it (optimizer, TTT, seed, SimCTG) build the same model with the same
+    outputs; the model keeps no run settings; the header's ARCH_FIELDS are its fields but the
+    build-only ones; RoPE's tables cover the longest window of the run."""
+    h = tiny_hyperparameters()
+    other = dataclasses.replace(h, muon_lr=0.5, lora_ttt_lr=1.0, seed=9, simctg_weight=0.2, eval_stride=8)
+    assert h.model_config() == other.model_config()
+    assert set(tg.ARCH_FIELDS) | set(tg.BUILD_ONLY_FIELDS) == {f.name for f in dataclasses.fields(tg.ModelConfig)}
+    assert dataclasses.replace(h, lora_ttt_seq_len=3 * h.train_seq_len).model_config().rope_max_len == 3 * h.train_seq_len
+    models = []
+    for settings in (h, other):
+        torch.manual_seed(0)
+        models.append(_randomised(tg.GPT(settings.model_config())))
+    ids, targets = torch.randint(0, h.vocab_size, (2, 16)), torch.randint(0, h.vocab_size, (2, 16))
+    assert torch.equal(models[0](ids, targets), models[1](ids, targets))
+    assert not any(isinstance(v, tg.Hyperparameters) for m in models[0].modules() for v in vars(m).values())

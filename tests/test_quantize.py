@@ -68,7 +68,7 @@ def test_gptq_batched_equals_one_by_one_and_handles_dead_inputs():
 
 def _tiny_model_and_hessians(h, seed=0):
     torch.manual_seed(seed)
-    model = tg.GPT(h)
+    model = tg.GPT(h.model_config())
     for p in model.parameters():
         p.data.normal_(0, 0.1)
     hessians = {}
@@ -216,7 +216,7 @@ def test_rounding_damage_agrees_across_ranks(tiny_data):
 def test_calibration_hessians_are_x_transpose_x_of_training_batches(tiny_data, cpu_runtime):
     root, _ = tiny_data
     h = tiny_hyperparameters(data_dir=str(root))
-    model = tg.GPT(h)
+    model = tg.GPT(h.model_config())
     model.looping = True
     files = tg.find_shards(h, "train")
     loader = lambda: tg.TrainLoader(files, h.train_seq_len, 3, 0, 1, 7, h.vocab_size, cpu_runtime.device)
@@ -242,7 +242,7 @@ def test_calibration_refuses_a_matrix_whose_module_was_bypassed(tiny_data, cpu_r
     quantizing against H = 0."""
     root, _ = tiny_data
     h = tiny_hyperparameters(data_dir=str(root))
-    model = tg.GPT(h)
+    model = tg.GPT(h.model_config())
     loader = tg.TrainLoader(tg.find_shards(h, "train"), h.train_seq_len, 3, 0, 1, 7, h.vocab_size, cpu_runtime.device)
     monkeypatch.setattr(tg.MLP, "forward", lambda self, x, lora=None: self.proj(F.leaky_relu(F.linear(x, self.fc.weight), 0.5).square()))
     with pytest.raises(RuntimeError, match=r"no input reached \['blocks.0.mlp.fc.weight'"):
@@ -333,7 +333,7 @@ def test_artifact_round_trip_is_exact(cpu_runtime, gates):
     for name, t in q.items():
         expected = t.dequantize() if isinstance(t, tg.QuantizedTensor) else t.float()
         assert torch.equal(state[name], expected), name
-    loaded = tg.GPT(h)
+    loaded = tg.GPT(h.model_config())
     loaded.load_state_dict(state)  # loads into the architecture without missing keys
 
 

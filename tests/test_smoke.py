@@ -122,7 +122,7 @@ def test_checkpoint_holds_the_unquantized_final_weights(smoke_run):
     cwd, root, proc = smoke_run
     ckpt = torch.load(cwd / "final.pt")
     h = tg.Hyperparameters.from_env({**TINY_ENV, "DATA_DIR": str(root)})
-    model = tg.GPT(h)
+    model = tg.GPT(h.model_config())
     model.load_state_dict(ckpt["state_dict"])
     model.looping = ckpt["looping"]
     assert model.looping == ("depth recurrence on" in proc.stdout)

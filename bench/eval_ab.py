@@ -84,8 +84,15 @@ def model_settings(h: "tg.Hyperparameters", variants: list[tuple[str, "tg.Hyperp
     """The settings the one model is built with: h with the longest LoRA TTT window of any variant,
     so that RoPE's tables cover every window as that variant's own run builds them. (A window past
     the tables gets NTK-rescaled angles at every position: another model.) Positions both cover
-    have the same angles, so the other variants score as they would alone."""
-    return dataclasses.replace(h, lora_ttt_seq_len=max(hv.lora_ttt_seq_len for _, hv in variants))
+    have the same angles, so the other variants score as they would alone. A variant whose own run
+    goes past its own tables (EVAL_SEQ_LEN beyond them: rescaled angles) but not past these
+    would score another model here: refused."""
+    built = dataclasses.replace(h, lora_ttt_seq_len=max(hv.lora_ttt_seq_len for _, hv in variants))
+    for name, hv in [("the artifact's settings", h), *variants]:
+        longest = max(hv.eval_seq_len, hv.lora_ttt_window())
+        if hv.longest_sequence() < longest <= built.longest_sequence():
+            raise SystemExit(f"eval_ab.py: {name}: its run rescales RoPE past {hv.longest_sequence()} positions (EVAL_SEQ_LEN={hv.eval_seq_len}), which this process's model, built for {built.longest_sequence()}, would not: evaluate it without the longer LORA_TTT_SEQ_LEN variants")
+    return built
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ import importlib.util
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 
 import train_gpt as tg
@@ -124,3 +125,13 @@ def test_eval_ab_builds_rope_for_every_variants_window_as_its_own_run_would():
     assert torch.equal(rope(built)(x), rope(variants[1][1])(x))
     assert torch.equal(rope(built)(x[:, : h.eval_seq_len]), rope(h)(x[:, : h.eval_seq_len]))
     assert not torch.allclose(rope(h)(x)[:, :100], rope(built)(x)[:, :100])  # base-only tables, run at 2560: rescaled
+
+
+def test_eval_ab_refuses_a_variant_whose_rope_its_own_run_would_rescale():
+    """EVAL_SEQ_LEN past a variant's own tables is rescaled in its run; beside a longer
+    LORA_TTT_SEQ_LEN variant the shared model would not rescale it: refused. Alone, it is not."""
+    h = tg.Hyperparameters.from_env({})
+    long_eval = ("eval2560", replace(h, eval_seq_len=2560))
+    with pytest.raises(SystemExit, match="eval2560: its run rescales RoPE past 2048 positions"):
+        eval_ab.model_settings(h, [("base", h), ("w3072", replace(h, lora_ttt_seq_len=3072)), long_eval])
+    assert eval_ab.model_settings(h, [("base", h), long_eval]).longest_sequence() == 2048

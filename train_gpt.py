@@ -289,7 +289,7 @@ class Hyperparameters:
 
     def layer_order(self, looping: bool = True) -> list[int]:
         """The blocks a forward runs, in order: with depth recurrence (looping) or without."""
-        return virtual_layer_order(self.num_layers, self.loop_start, self.loop_end, self.num_loops if looping else 0)
+        return self.model_config().layer_order(looping)
 
     def model_config(self) -> ModelConfig:
         """The model's settings (ModelConfig), RoPE's tables covering the run's longest window."""
@@ -669,13 +669,11 @@ def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int) -> 
     return torch.from_numpy(tokens[:usable].astype(np.int64))
 
 
-CHALLENGE_VALIDATION_DOCUMENTS = 50_000  # the challenge's fixed validation set: FineWeb's first 50k documents
-
-
 def describe_data(val_files: list[Path], val_tokens: torch.Tensor, target_bytes: torch.Tensor, sidecar, train_files: list[Path]) -> dict:
     """What a run trained and was scored on, for its submission.json: the validation documents in
     the shards (the BOS count, before the cut to whole windows), the scored targets and bytes, a
-    fingerprint of the scored tokens (runs of one record share it), and the training shards."""
+    fingerprint of the scored tokens (runs of one record share it), and the training shards, whose
+    headers and sizes are read (checked) here, before the clock."""
     documents = sum(int((np.asarray(read_shard(f)) == BOS_ID).sum()) for f in val_files)
     fingerprint = hashlib.sha256(val_tokens.numpy().astype(np.uint16).tobytes()).hexdigest()[:16]
     return dict(validation_documents=documents, validation_targets=len(val_tokens) - 1, validation_bytes=int(target_bytes.sum()),
@@ -3333,8 +3331,6 @@ def run(h: Hyperparameters, rt: Runtime, log: Logger, files: RunFiles):
         sidecar = load_validation_byte_sidecars(val_files, len(val_tokens))
         target_bytes = validation_target_bytes(val_tokens, build_byte_tables(sp), sidecar)
         train_files = [] if h.eval_only else find_shards(h, "train")
-        for f in train_files:
-            read_shard(f)  # the header and size of every shard, before the clock
         data = describe_data(val_files, val_tokens, target_bytes, sidecar, train_files)
     log_environment(h, rt, log)
     torch.manual_seed(h.seed)

@@ -130,9 +130,10 @@ def main(argv=None):
     target_bytes = tg.validation_target_bytes(val, tg.build_byte_tables(sp), tg.load_validation_byte_sidecars(val_files, len(val)))
     ttt_val, ttt_bytes = select_documents(val, target_bytes, args.docs, args.max_doc_targets)
     say = print if rt.is_main else (lambda *a, **k: None)
-    say(f"validation: {len(tg.document_spans(val)):,} documents, {len(val) - 1:,} targets; LoRA TTT on {len(tg.document_spans(ttt_val)):,} documents, {len(ttt_val) - 1:,} targets, {int(ttt_bytes.sum()):,} bytes", flush=True)
+    ttt_spans = tg.document_spans(ttt_val)
+    say(f"validation: {len(tg.document_spans(val)):,} documents, {len(val) - 1:,} targets; LoRA TTT on {len(ttt_spans):,} documents, {len(ttt_val) - 1:,} targets, {int(ttt_bytes.sum()):,} bytes", flush=True)
 
-    longest = max(e - f for f, e in tg.document_spans(ttt_val))
+    longest = max(e - f for f, e in ttt_spans)
     for name in window_blind(variants, longest):
         say(f"note: {name}: no selected document has more than {longest:,} targets, within both windows: the variant measures only another compiled shape (drop --max-doc-targets to test a window)", flush=True)
 

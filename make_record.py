@@ -25,11 +25,11 @@ import shutil
 import statistics
 from pathlib import Path
 
-ARTIFACT_LIMIT_BYTES = 16_000_000
-TIME_LIMIT_SECONDS = 600.0
 REQUIRED_GAIN_NATS = 0.005
 SIGNIFICANCE = 0.01
-EVAL_STAGES = ("load_artifact", "compile_eval", "compile_lora_ttt", "eval_quantized", "eval_lora_ttt", "eval_sliding", "eval_ttt")  # what a scoring run does after training
+# The limits (artifact bytes, training and evaluation seconds) and the stages' names and order are
+# train_gpt.py's: each run's submission.json carries them ("limits"; "val_bpb_stages" in the order
+# the run scored them, "final_stage"), and they are read from there.
 
 
 class RecordRefused(ValueError):
@@ -103,19 +103,25 @@ def load_run(folder: Path) -> dict:
 
 def eval_seconds(run: dict) -> float:
     """The evaluation time the limit is held on: the records' count, from the first scored token
-    to the final score (eval_scored_seconds), where the summary has it; else the run's own clock
-    from artifact load to final score (eval_total_seconds, compile warm-ups included), else the
-    sum of the evaluation's stages."""
-    if "eval_scored_seconds" in run:
-        return run["eval_scored_seconds"]
-    return strict_eval_seconds(run)
+    to the final score."""
+    return run["eval_scored_seconds"]
 
 
 def strict_eval_seconds(run: dict) -> float:
-    """The strict count: artifact load, compile warm-ups and every stage."""
-    if "eval_total_seconds" in run:
-        return run["eval_total_seconds"]
-    return sum(run["stage_seconds"].get(stage, 0.0) for stage in EVAL_STAGES)
+    """The strict count: artifact read and decode, compile warm-ups and every stage."""
+    return run["eval_total_seconds"]
+
+
+def run_limits(runs: list[dict]) -> dict:
+    """The limits the runs were held to, from their submission.json: one set for all."""
+    for r in runs:
+        missing = [k for k in ("limits", "eval_total_seconds", "eval_scored_seconds", "code_sha256") if k not in r]
+        if missing:
+            raise RecordRefused(f"{r['folder']}: submission.json has no {', '.join(missing)} (written by an older train_gpt.py)")
+    limits = {json.dumps(r["limits"], sort_keys=True) for r in runs}
+    if len(limits) > 1:
+        raise RecordRefused(f"the runs were held to different limits ({len(limits)} sets)")
+    return runs[0]["limits"]
 
 
 RECORD_HARDWARE = re.compile(r".*H100.* x8")  # the challenge's machine, as train_gpt.py's summary names it
@@ -134,19 +140,17 @@ def check_runs(runs: list[dict], code: bytes, not_a_record: bool = False):
         if r["seed"] in seeds:
             raise RecordRefused(f"{seeds[r['seed']]} and {r['folder']} both ran seed {r['seed']}: a record needs one run per seed")
         seeds[r["seed"]] = r["folder"]
+    limits = run_limits(runs)
     for r in runs:
         if not not_a_record and not RECORD_HARDWARE.fullmatch(r.get("hardware", "")):
             raise RecordRefused(f"{r['folder']}: ran on {r.get('hardware', 'unknown hardware')!r}, not 8xH100; --not-a-record makes an example folder")
-        if r["artifact_bytes"]["total"] >= ARTIFACT_LIMIT_BYTES:
-            raise RecordRefused(f"{r['folder']}: artifact {r['artifact_bytes']['total']:,} bytes, not under {ARTIFACT_LIMIT_BYTES:,}")
-        if r["train_seconds"] > TIME_LIMIT_SECONDS:
-            raise RecordRefused(f"{r['folder']}: training took {r['train_seconds']:.1f}s, over {TIME_LIMIT_SECONDS:.0f}s")
-        if eval_seconds(r) > TIME_LIMIT_SECONDS:
-            raise RecordRefused(f"{r['folder']}: evaluation took {eval_seconds(r):.1f}s, over {TIME_LIMIT_SECONDS:.0f}s")
+        if r["artifact_bytes"]["total"] >= limits["artifact_bytes"]:
+            raise RecordRefused(f"{r['folder']}: artifact {r['artifact_bytes']['total']:,} bytes, not under {limits['artifact_bytes']:,}")
+        if r["train_seconds"] > limits["train_seconds"]:
+            raise RecordRefused(f"{r['folder']}: training took {r['train_seconds']:.1f}s, over {limits['train_seconds']:.0f}s")
+        if eval_seconds(r) > limits["eval_seconds"]:
+            raise RecordRefused(f"{r['folder']}: evaluation took {eval_seconds(r):.1f}s, over {limits['eval_seconds']:.0f}s")
     check_data(runs, not_a_record)
-    for r in runs:
-        if "code_sha256" not in r:
-            raise RecordRefused(f"{r['folder']}: submission.json has no code_sha256 (written by an older train_gpt.py)")
     hashes = {r["code_sha256"] for r in runs}
     if len(hashes) > 1:
         raise RecordRefused(f"the runs' counted code differs ({len(hashes)} versions)")
@@ -186,13 +190,17 @@ def data_line(runs: list[dict]) -> str:
             f"training on {d['train_shards']} shards, {d['train_tokens']:,} tokens.")
 
 
+def limits_line(limits: dict) -> str:
+    return f"Limits (from the runs): artifact under {limits['artifact_bytes']:,} bytes; training {limits['train_seconds']:.0f} s; evaluation {limits['eval_seconds']:.0f} s (first scored token to the final score)."
+
+
 def readme(runs: list[dict], best: dict, t: float, df: float, p: float, not_a_record: bool = False) -> str:
     losses = [r["val_loss"] for r in runs]
     bpbs = [r["val_bpb"] for r in runs]
-    stages = [k for k in ("raw", "ema", "quantized", "sliding", "lora_ttt", "ttt") if all(k in r["val_bpb_stages"] for r in runs)]
+    stages = [k for k in runs[0]["val_bpb_stages"] if all(k in r["val_bpb_stages"] for r in runs)]  # in the order the runs scored them
     hardware = sorted({r.get("hardware", "unknown") for r in runs})
     title = "# Example submission (not a record: --not-a-record)" if not_a_record else "# Record submission"
-    lines = [title, "", f"Hardware: {', '.join(hardware)} (from the runs' logs); torch {', '.join(sorted({str(r.get('torch', '?')) for r in runs}))}.", "", data_line(runs), "", "| seed | steps | " + " | ".join(f"{k} bpb" for k in stages) + " | val_loss (nats) | train s | eval s (first scored token to score) | eval s (strict: load, compile, every stage) | artifact bytes |", "|" + " --- |" * (len(stages) + 7)]
+    lines = [title, "", f"Hardware: {', '.join(hardware)} (from the runs' logs); torch {', '.join(sorted({str(r.get('torch', '?')) for r in runs}))}.", "", data_line(runs), "", limits_line(runs[0]["limits"]), "", "| seed | steps | " + " | ".join(f"{k} bpb" for k in stages) + " | val_loss (nats) | train s | eval s (first scored token to score) | eval s (strict: load, compile, every stage) | artifact bytes |", "|" + " --- |" * (len(stages) + 7)]
     for r in runs:
         cells = [str(r["seed"]), str(r["steps"])] + [f"{r['val_bpb_stages'][k]:.5f}" for k in stages]
         cells += [f"{r['val_loss']:.5f}", f"{r['train_seconds']:.1f}", f"{eval_seconds(r):.1f}", f"{strict_eval_seconds(r):.1f}", f"{r['artifact_bytes']['total']:,}"]
@@ -200,7 +208,7 @@ def readme(runs: list[dict], best: dict, t: float, df: float, p: float, not_a_re
     clears = p < SIGNIFICANCE and statistics.mean(losses) < best["mean"] - REQUIRED_GAIN_NATS
     lines += [
         "",
-        f"val_bpb mean {statistics.mean(bpbs):.5f} (std {statistics.stdev(bpbs):.5f}); val_loss mean {statistics.mean(losses):.5f} nats (std {statistics.stdev(losses):.5f}), {len(runs)} seeds.",
+        f"val_bpb mean {statistics.mean(bpbs):.5f} (std {statistics.stdev(bpbs):.5f}; the final stage, {'/'.join(sorted({r['final_stage'] for r in runs}))}); val_loss mean {statistics.mean(losses):.5f} nats (std {statistics.stdev(losses):.5f}), {len(runs)} seeds.",
         f"Best entry: val_loss {best['mean']:.5f} nats (std {best['std']:.5f}, {best['n']} seed{'s' if best['n'] != 1 else ''}). Difference {statistics.mean(losses) - best['mean']:+.5f} nats; the bar is {-REQUIRED_GAIN_NATS:+.3f}.",
         f"One-sided Welch test of mean < best - {REQUIRED_GAIN_NATS}: t = {t:.3f}, {df:.1f} degrees of freedom, p = {p:.4g}.",
         "",
@@ -231,7 +239,7 @@ def make_record(run_folders: list[Path], code_path: Path, out: Path, best: dict,
     shutil.copy(requirements, out / "requirements.txt")
     for r in runs:
         shutil.copy(r["log"], out / f"train_seed{r['seed']}.txt")
-    fields = ("run_id", "seed", "steps", "val_bpb", "val_loss", "val_bpb_stages", "train_seconds", "stage_seconds", "artifact_bytes", "code_sha256", "hardware", "torch", "data")
+    fields = ("run_id", "seed", "steps", "val_bpb", "val_loss", "val_bpb_stages", "final_stage", "train_seconds", "eval_scored_seconds", "eval_total_seconds", "stage_seconds", "artifact_bytes", "limits", "code_sha256", "hardware", "torch", "data")
     summary = dict(
         val_bpb=round(statistics.mean(r["val_bpb"] for r in runs), 6),
         val_loss=round(statistics.mean(r["val_loss"] for r in runs), 6),

@@ -163,8 +163,8 @@ class Hyperparameters:
     lqer_rank: int = _param(4, lo=0)  # rank of the LQER correction of the worst-quantized matrices; 0: off
     lqer_matrices: int = _param(3, lo=1)  # how many matrices (largest quantization error) get one
     lqer_group: int = _param(32, lo=1)  # columns of the correction's B factor sharing one INT4 scale (#2135: 32)
-    compressor: str = _param("brotli", choices=("brotli", "zstd", "lzma"))  # for the fp16 remainder
-    compress_level: int = _param(11, lo=0, hi=22)  # brotli 0-11, zstd 1-22, lzma 0-9
+    compressor: str = _param("brotli", choices=("brotli", "lzma"))  # for the fp16 remainder
+    compress_level: int = _param(11, lo=0, hi=11)  # brotli 0-11, lzma 0-9
     artifact_target_bytes: int = _param(15_990_000, lo=0)  # all steps scaled so weights + code come to about this; 0: no scaling
     pack_code: bool = _param(True)  # count (and write) a self-extracting lzma copy of this file as the code; 0: the readable file
     # evaluation
@@ -286,10 +286,6 @@ class Hyperparameters:
 
     def lora_ttt_window(self) -> int:
         return self.lora_ttt_seq_len or self.eval_seq_len
-
-    def layer_order(self, looping: bool = True) -> list[int]:
-        """The blocks a forward runs, in order: with depth recurrence (looping) or without."""
-        return self.model_config().layer_order(looping)
 
     def model_config(self) -> ModelConfig:
         """The model's settings (ModelConfig), RoPE's tables covering the run's longest window."""
@@ -1678,6 +1674,9 @@ def warm_up(model, optimizers, h, rt, make_loader, log):
     model.looping = False
 
 
+TRAIN_LIMIT_SECONDS = 600.0  # the challenge's: everything before the weights are frozen (GPTQ calibration included), on 8xH100
+
+
 def agreed_elapsed(t0: float, rt: Runtime, clock=time.perf_counter) -> float:
     """Rank 0's clock, so every rank takes the same schedule and stop decisions."""
     synchronize(rt.device)
@@ -1731,7 +1730,7 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
                     log(f"step {step}: training length {loader.seq_len} -> {settings.seq_len} at {elapsed:.1f}s ({frac:.0%} of training); LR re-warmed over {h.seq_rewarm_steps} steps")
                 loader.set_seq_len(settings.seq_len, tokens_per_step // (rt.world_size * accum * settings.seq_len))
             if settings.looping and not model.looping:
-                log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of training), order {h.layer_order()}")
+                log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of training), order {model.cfg.layer_order(True)}")
             model.looping = looping = settings.looping
             loss = train_step(model, optimizers, loader, h, rt, accum, settings.lr_mult, settings.momentum, settings.wd_mult)
             ema.update()
@@ -1759,7 +1758,7 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
         if phase_seconds[looping] > 0:
             tok_s = phase_tokens[looping] / phase_seconds[looping]
             rates["looping" if looping else "before_looping"] = tok_s
-            layers = len(h.layer_order(looping))
+            layers = len(model.cfg.layer_order(looping))
             mfu = "" if peak is None else f", MFU {mfu_percent(tok_s, h, layers, peak, rt.world_size):.1f}%"
             log(f"throughput {'with' if looping else 'before'} depth recurrence: {tok_s:,.0f} tok/s ({tok_s / rt.world_size:,.0f} per GPU){mfu}")
     return TrainResult(step, elapsed, reason, rates)
@@ -1865,12 +1864,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, qmax, clip_k, block_size: in
     inverse = torch.argsort(order, dim=-1)
     codes = codes.gather(2, inverse[:, None, :].expand(n, rows, cols))
     return codes.to(torch.int8), scale
-
-
-def round_to_nearest(W: torch.Tensor, qmax: int, clip_k: float):
-    """The baseline GPTQ improves on: same scales, each weight rounded on its own."""
-    scale = sdclip_scales(W, clip_k, qmax)
-    return torch.clamp(torch.round(W.float() / scale[..., None]), -qmax, qmax).to(torch.int8), scale
 
 
 @dataclass
@@ -2078,31 +2071,21 @@ def byte_unshuffle(data: bytes, stride: int) -> bytes:
 
 
 def compress(blob: bytes, method: str, level: int) -> bytes:
-    """General-purpose compression (for the fp16 remainder of the artifact), method byte first."""
+    """General-purpose compression (the artifact's fp16 remainder), its method byte first:
+    0 brotli, 2 lzma (1 was zstd, which left: no record used it, nothing measured it better)."""
     if method == "brotli":
         import brotli
 
-        packed = brotli.compress(blob, quality=min(level, 11), lgwin=24)
-    elif method == "zstd":
-        import zstandard
-
-        packed = zstandard.ZstdCompressor(level=max(1, level)).compress(blob)
-    else:
-        packed = lzma.compress(blob, preset=min(level, 9) | lzma.PRESET_EXTREME)
-    return bytes([("brotli", "zstd", "lzma").index(method)]) + packed
+        return b"\x00" + brotli.compress(blob, quality=min(level, 11), lgwin=24)
+    return b"\x02" + lzma.compress(blob, preset=min(level, 9) | lzma.PRESET_EXTREME)
 
 
 def decompress(data: bytes) -> bytes:
-    method, packed = data[0], data[1:]
-    if method == 0:
+    if data[0] == 0:
         import brotli
 
-        return brotli.decompress(packed)
-    if method == 1:
-        import zstandard
-
-        return zstandard.ZstdDecompressor().decompress(packed)
-    return lzma.decompress(packed)
+        return brotli.decompress(data[1:])
+    return lzma.decompress(data[1:])
 
 
 # rANS entropy coder for the integer codes. The codes of a GPTQ'd matrix are nearly independent
@@ -2281,22 +2264,44 @@ def with_artifact_settings(h: Hyperparameters, header: dict, environ) -> Hyperpa
     return dataclasses.replace(h, **stored)
 
 
-def check_artifact(path: Path, h: Hyperparameters, environ=None) -> Hyperparameters:
-    """EVAL_ONLY's artifact, read whole before any work: a missing, empty, truncated or foreign
-    file, or a model setting in the environment that differs from the artifact's, is one clear
-    error. Returns h with the artifact's model settings (with_artifact_settings)."""
+@dataclass(frozen=True)
+class DecodedArtifact:
+    """An artifact read and decoded once: the dequantized state dict (fp32), the looping flag,
+    the file's size and the seconds the read and the decode took (the evaluation's strict count
+    includes them wherever they ran)."""
+
+    state: dict[str, torch.Tensor]
+    looping: bool
+    size: int
+    seconds: float
+
+
+def decode_artifact(path: Path, h: Hyperparameters) -> DecodedArtifact:
+    t0 = time.perf_counter()
+    data = path.read_bytes()
+    state, looping = unpack_artifact(data, h)
+    return DecodedArtifact(state, looping, len(data), time.perf_counter() - t0)
+
+
+def check_artifact(path: Path, h: Hyperparameters, environ=None) -> tuple[Hyperparameters, DecodedArtifact | None]:
+    """EVAL_ONLY's artifact, read whole and decoded before any work: a missing, empty, truncated
+    or foreign file, or a model setting in the environment that differs from the artifact's, is
+    one clear error. Returns h with the artifact's model settings (with_artifact_settings) and the
+    decoded artifact, which the evaluation then loads (None for a file at or over the size
+    limit: the size check refuses it, with the code counted, before anything is scored)."""
     if not path.is_file():
         raise FileNotFoundError(f"ARTIFACT_PATH={str(path)!r}: no such file")
     if path.stat().st_size >= ARTIFACT_LIMIT_BYTES:
-        return h  # the size check refuses it, with the code counted, before anything is scored
+        return h, None
+    t0 = time.perf_counter()
     data = path.read_bytes()
     try:
         h = with_artifact_settings(h, read_artifact_header(data)[0], os.environ if environ is None else environ)
-        unpack_artifact(data, h)
+        state, looping = unpack_artifact(data, h)
     except Exception as err:  # whatever garbage makes the decoder raise
         reason = "empty" if not data else err if isinstance(err, ValueError) and str(err).startswith("artifact") else f"not a complete artifact of this script ({type(err).__name__}: {err})"
         raise ValueError(f"ARTIFACT_PATH={str(path)!r} ({len(data):,} bytes): {reason}") from None
-    return h
+    return h, DecodedArtifact(state, looping, len(data), time.perf_counter() - t0)
 
 
 def unpack_artifact(data: bytes, h: Hyperparameters) -> tuple[dict[str, torch.Tensor], bool]:
@@ -2453,7 +2458,6 @@ class EvalResult:
     byte_sum: float
     tokens: int
     seconds: float = 0.0
-    token_nll: torch.Tensor | None = None  # per target, when asked for (tests; single rank)
     chunk_seconds: list = field(default_factory=list)  # (scoring, training) seconds per chunk
     train_steps: int = 0
     untilted_nll_sum: float | None = None  # LoRA TTT with the n-gram tilt: the same scores untilted
@@ -2498,12 +2502,17 @@ class TTTConfig:
 
 
 class _Accumulator:
-    def __init__(self, device, num_targets: int | None):
+    """An evaluation's sums (this rank's), and its observer: None, or a callback that hears
+    every score and step as it happens, observe(event, *where, scores=None): ("window", first,
+    end) and LoRA TTT's ("score", document, first, end) with the targets' scores, and ("score" |
+    "train" | "phase", ...) as the evaluations below say. Tests check causality with it."""
+
+    def __init__(self, device, observe=None):
         self.nll = torch.zeros((), dtype=torch.float64, device=device)
         self.bytes = torch.zeros((), dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.untilted_nll = torch.zeros((), dtype=torch.float64, device=device)  # LoRA TTT's scores without the n-gram tilt
-        self.token_nll = None if num_targets is None else torch.full((num_targets,), float("nan"), dtype=torch.float64)
+        self.observe = observe
 
     def reduced(self) -> tuple[float, float, int, float]:
         """The sums over every rank: nll, bytes, targets and untilted nll (every rank gets them)."""
@@ -2533,20 +2542,18 @@ def _score_windows(model, tokens, windows, seq_len, batch_seqs, target_bytes, ac
         acc.nll += nll.sum()
         acc.bytes += nbytes.sum()
         acc.count += nll.numel()
-        if acc.token_nll is not None:
-            for row, (start, _) in enumerate(batch[:real]):
-                first = start + seq_len - scored
-                acc.token_nll[first : first + scored] = nll[row].cpu()
+        for row, (start, _) in enumerate(batch[:real] if acc.observe else ()):
+            acc.observe("window", start + seq_len - scored, start + seq_len, scores=nll[row])
 
 
-def evaluate(model, tokens, target_bytes, seq_len, stride, batch_seqs, rt, ttt: TTTConfig | None = None, return_token_nll=False, trace=None) -> EvalResult:
+def evaluate(model, tokens, target_bytes, seq_len, stride, batch_seqs, rt, ttt: TTTConfig | None = None, observe=None) -> EvalResult:
     """Scores every validation target exactly once, from its prefix only.
 
     stride None: non-overlapping windows. With a stride: sliding windows. With ttt, windows are
     grouped into chunks of ttt.chunk_tokens targets; each chunk is first scored under no_grad
     and counted, then (except the last) the model trains on that chunk's tokens, so training
-    only ever sees tokens whose scores are already in the total. `trace`, if a list, records
-    ("score"|"train", first_target, end_target) events for tests.
+    only ever sees tokens whose scores are already in the total. observe (see _Accumulator)
+    also hears ("score", first_target, end_target) per chunk and ("train", first, last) per step.
     """
     t0 = time.perf_counter()
     num_targets = len(tokens) - 1
@@ -2556,7 +2563,7 @@ def evaluate(model, tokens, target_bytes, seq_len, stride, batch_seqs, rt, ttt: 
     per_chunk = [[] for _ in range(num_chunks)]
     for start, scored in windows:
         per_chunk[(start + seq_len - scored) // chunk].append((start, scored))
-    acc = _Accumulator(rt.device, num_targets if return_token_nll else None)
+    acc = _Accumulator(rt.device, observe)
     tokens, target_bytes = tokens.to(rt.device), target_bytes.to(rt.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum) if ttt else None
     chunk_seconds, train_steps = [], 0
@@ -2565,17 +2572,17 @@ def evaluate(model, tokens, target_bytes, seq_len, stride, batch_seqs, rt, ttt: 
         mine = chunk_windows[len(chunk_windows) * rt.rank // rt.world_size : len(chunk_windows) * (rt.rank + 1) // rt.world_size]
         for scored in sorted({s for _, s in mine}, reverse=True):
             _score_windows(model, tokens, [w for w in mine if w[1] == scored], seq_len, batch_seqs, target_bytes, acc, rt.device)
-        if trace is not None:
-            trace.append(("score", c * chunk, min((c + 1) * chunk, num_targets)))
+        if observe is not None:
+            observe("score", c * chunk, min((c + 1) * chunk, num_targets))
         synchronize(rt.device)
         t_scored = time.perf_counter()
         if ttt and ttt.epochs > 0 and c < num_chunks - 1:
             lr = cosine_decay(ttt.lr, c, num_chunks - 1)
-            train_steps += _ttt_train_chunk(model, optimizer, tokens, c * chunk, chunk, seq_len, lr, ttt, rt, trace)
+            train_steps += _ttt_train_chunk(model, optimizer, tokens, c * chunk, chunk, seq_len, lr, ttt, rt, observe)
             synchronize(rt.device)
         chunk_seconds.append((t_scored - t_chunk, time.perf_counter() - t_scored))
     nll, nbytes, count, _ = acc.reduced()
-    return EvalResult(nll, nbytes, count, time.perf_counter() - t0, acc.token_nll, chunk_seconds, train_steps)
+    return EvalResult(nll, nbytes, count, time.perf_counter() - t0, chunk_seconds, train_steps)
 
 
 def warm_up_windows(model, h: Hyperparameters, device: torch.device):
@@ -2586,11 +2593,11 @@ def warm_up_windows(model, h: Hyperparameters, device: torch.device):
     tokens = torch.randint(0, h.vocab_size, (h.eval_seq_len + 1,), generator=g).to(device)
     target_bytes = torch.ones(len(tokens), device=device)
     for scored in sorted({h.eval_seq_len, h.eval_stride}):
-        _score_windows(model, tokens, [(0, scored)], h.eval_seq_len, h.eval_batch_seqs, target_bytes, _Accumulator(device, None), device)
+        _score_windows(model, tokens, [(0, scored)], h.eval_seq_len, h.eval_batch_seqs, target_bytes, _Accumulator(device), device)
     synchronize(device)
 
 
-def _ttt_train_chunk(model, optimizer, tokens, first_target, chunk, seq_len, lr, ttt, rt, trace) -> int:
+def _ttt_train_chunk(model, optimizer, tokens, first_target, chunk, seq_len, lr, ttt, rt, observe) -> int:
     """SGD on the chunk's (already scored) targets first_target .. first_target+chunk-1:
     ttt.epochs passes in global batches of ttt.batch_seqs sequences split across ranks,
     gradients averaged across ranks and clipped. Returns the number of optimizer steps."""
@@ -2605,8 +2612,8 @@ def _ttt_train_chunk(model, optimizer, tokens, first_target, chunk, seq_len, lr,
             starts = torch.arange(first, first + per_rank, device=rt.device) * seq_len + first_target
             positions = starts[:, None] + torch.arange(seq_len + 1, device=rt.device)
             seqs = tokens[positions]
-            if trace is not None:  # the tokens read: inputs from positions.min(), targets up to positions.max() - 1
-                trace.append(("train", int(positions.min()), int(positions.max())))
+            if observe is not None:  # the tokens read: inputs from positions.min(), targets up to positions.max() - 1
+                observe("train", int(positions.min()), int(positions.max()))
             with autocast(rt.device):
                 loss = model(seqs[:, :-1], seqs[:, 1:])
             optimizer.zero_grad(set_to_none=False)
@@ -2903,12 +2910,12 @@ def lora_ttt_plan(lengths: list[int], h: Hyperparameters, step_seconds: float | 
     return plan, f"even chunks of {plan.long_chunk} everywhere cannot fit the {h.lora_ttt_budget_seconds:.0f}s budget (projected {projected(plan):.0f}s): adaptation stops after {max_steps} steps of a document, the rest is scored without it"
 
 
-def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, target_bytes: torch.Tensor, claim, h: Hyperparameters, acc: _Accumulator, plan: ChunkPlan, stream_hints: torch.Tensor | None = None, trace=None, progress=None) -> int:
+def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, target_bytes: torch.Tensor, claim, h: Hyperparameters, acc: _Accumulator, plan: ChunkPlan, stream_hints: torch.Tensor | None = None, progress=None) -> int:
     """Scores documents (target ranges) chunk by chunk (the plan's grid) in LORA_TTT_BATCH_DOCS
     rows, each row with its own adapters, one AdamW step after each chunk (none after a
-    document's last, nor past the plan's max_steps). A row
-    whose document is done takes the next one (from claim(), a list of documents or None when
-    there are no more) and restarts its adapters and optimizer state. Every chunk runs one
+    document's last, nor past the plan's max_steps). A row whose document is done takes the next
+    one (from claim(), a list of documents or None when there are no more) and restarts its
+    adapters and optimizer state. Every chunk runs one
     shape, rows x LoRA TTT's window, so a single compiled graph serves the whole evaluation. With
     NGRAM_TILT_BETA the scores are tilted towards each target's n-gram hint (stream_hints, per
     target); the steps learn from the untilted loss. progress(), if given, is called once per
@@ -2964,12 +2971,8 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, target_bytes: torch.Te
             acc.nll += score.double().sum()
             acc.untilted_nll += nll.double().sum()
             acc.count += scored.sum()
-            if acc.token_nll is not None or trace is not None:  # tests only
-                for row in torch.nonzero(live).flatten().tolist():
-                    if acc.token_nll is not None:
-                        acc.token_nll[a[row] : b[row]] = score[row, : b[row] - a[row]].double().cpu()
-                    if trace is not None:
-                        trace.append(("score", int(first[row]), int(a[row]), int(b[row])))
+            for row in torch.nonzero(live).flatten().tolist() if acc.observe else ():
+                acc.observe("score", int(first[row]), int(a[row]), int(b[row]), scores=score[row, : b[row] - a[row]])
         scored_to = torch.where(live, b, scored_to)
         if not more.any():
             continue
@@ -2978,8 +2981,8 @@ def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, target_bytes: torch.Te
         (per_doc * more_).sum().backward()  # each document's gradient is its own
         optimizer.step()
         steps += 1
-        if trace is not None:
-            trace.extend(("train", int(first[row]), int(a[row]), int(b[row])) for row in range(rows) if more[row])
+        for row in torch.nonzero(more).flatten().tolist() if acc.observe else ():
+            acc.observe("train", int(first[row]), int(a[row]), int(b[row]))
 
 
 def phase_boundaries(num_batches: int, h: Hyperparameters) -> list[int]:
@@ -3007,28 +3010,25 @@ def global_sgd_phase(model: GPT, tokens: torch.Tensor, docs: list[tuple[int, int
     return num_steps
 
 
-def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: Runtime, return_token_nll=False, trace=None, log=None, step_seconds: float | None = None) -> EvalResult:
+def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: Runtime, observe=None, log=None, step_seconds: float | None = None) -> EvalResult:
     """Per-document LoRA test-time training. Documents, longest first, go in batches of
     LORA_TTT_BATCH_DOCS to whichever rank claims the batch next. The score is causal in this
     queue order (batch number, then position in the batch): a document's score depends only on
     its own prefix and on documents before it in the queue (through the phases and the hints),
-    never on which rank took which batch. Each document is scored a chunk
-    at a time (LORA_TTT_CHUNK_TOKENS targets; past the time plan's first N targets of a document,
-    LORA_TTT_LONG_CHUNK_TOKENS; the plan comes from the documents' lengths and step_seconds, one
-    chunk's measured time), from at most LoRA TTT's window of its own prefix (never another
-    document's); the forward that scores a chunk also gives the loss of one AdamW step on that
-    document's adapters, taken after the chunk's scores are counted (none after its last chunk).
-    With NGRAM_TILT_BETA the hints come first, from the documents concatenated in queue order. With LORA_TTT_PHASES, at
-    each phase boundary every rank stops claiming, finishes its documents, and all ranks train
-    all weights on every document of the batches before the boundary (all scored by then)
-    before LoRA TTT goes on; the weights are restored at the end, so the model leaves as it came. `trace`, if a list, records ("score"|"train",
-    document, first_target, end_target) and ("phase", documents) events for tests; `log`, if
-    given, hears about the plan, every tenth batch and every phase (what rank 0 sees reaches the
-    log)."""
+    never on which rank took which batch. Each document is scored chunk by chunk from at most
+    LoRA TTT's window of its own prefix, an AdamW step on its adapters after each chunk's scores
+    are counted (_lora_ttt_documents), on the time plan's grid (from the documents' lengths and
+    step_seconds, one chunk's measured time). With NGRAM_TILT_BETA the hints come first, from the
+    documents concatenated in queue order. With LORA_TTT_PHASES, at each phase boundary every
+    rank stops claiming and finishes its documents, and all ranks train all weights on every
+    document of the batches before the boundary (all scored by then) before LoRA TTT goes on; the
+    weights are restored at the end, so the model leaves as it came.
+    observe (see _Accumulator) hears ("score" | "train", document, first_target, end_target) and
+    ("phase", documents); `log` hears about the plan, every tenth batch and every phase."""
     t0 = time.perf_counter()
     docs = sorted(document_spans(tokens), key=lambda d: d[0] - d[1])  # longest first
     batches = [docs[b : b + h.lora_ttt_batch_docs] for b in range(0, len(docs), h.lora_ttt_batch_docs)]
-    acc = _Accumulator(rt.device, len(tokens) - 1 if return_token_nll else None)
+    acc = _Accumulator(rt.device, observe)
     tokens, target_bytes = tokens.to(rt.device), target_bytes.to(rt.device)
     queue = BatchQueue(len(batches), rt)
     held = []  # a batch number this rank claimed past a phase boundary: its first after the phase
@@ -3074,18 +3074,18 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     train_steps = 0
     for limit in [*boundaries, len(batches)]:
         with frozen_weights(model):
-            train_steps += _lora_ttt_documents(model, tokens, target_bytes, lambda: claim_below(limit), h, acc, plan, stream_hints, trace, progress)
+            train_steps += _lora_ttt_documents(model, tokens, target_bytes, lambda: claim_below(limit), h, acc, plan, stream_hints, progress)
         if limit < len(batches):
             t_phase, scored = time.perf_counter(), [d for batch in batches[:limit] for d in batch]
             steps = global_sgd_phase(model, tokens, scored, h, rt)
-            if trace is not None:
-                trace.append(("phase", scored))
+            if observe is not None:
+                observe("phase", scored)
             if log is not None:
                 log(f"  lora_ttt: global SGD phase after {len(scored):,} documents ({sum(e - f for f, e in scored):,} tokens): {steps} steps, {time.perf_counter() - t_phase:.1f}s, at {time.perf_counter() - t0:.0f}s")
     if artifact_weights is not None:  # what runs after (the sliding diagnostic) scores the artifact, not weights trained on validation
         torch._foreach_copy_([p.detach() for p in model.parameters()], artifact_weights)
     nll, nbytes, count, untilted = acc.reduced()
-    return EvalResult(nll, nbytes, count, time.perf_counter() - t0, acc.token_nll, [], train_steps, untilted if h.ngram_tilt_beta > 0 else None)
+    return EvalResult(nll, nbytes, count, time.perf_counter() - t0, [], train_steps, untilted if h.ngram_tilt_beta > 0 else None)
 
 
 def warm_up_lora_ttt(model: GPT, h: Hyperparameters, device: torch.device) -> float:
@@ -3106,7 +3106,7 @@ def warm_up_lora_ttt(model: GPT, h: Hyperparameters, device: torch.device) -> fl
         synchronize(device)
         t0 = time.perf_counter()
         with frozen_weights(model):
-            _lora_ttt_documents(model, on_device, target_bytes, lambda: batches.pop() if batches else None, h, _Accumulator(device, None), plan)
+            _lora_ttt_documents(model, on_device, target_bytes, lambda: batches.pop() if batches else None, h, _Accumulator(device), plan)
         synchronize(device)
         seconds = time.perf_counter() - t0
     return seconds / 2
@@ -3137,24 +3137,106 @@ def build_model(h: Hyperparameters, rt: Runtime, log: Logger) -> GPT:
     return model
 
 
-def load_artifact_model(path: Path, h: Hyperparameters, rt: Runtime, log: Logger) -> tuple[GPT, int]:
-    data = path.read_bytes()
+@dataclass(frozen=True)
+class RunData:
+    """The validation set as scored (each target's bytes beside it) and the training shards."""
+
+    val_tokens: torch.Tensor
+    target_bytes: torch.Tensor
+    train_files: list[Path]
+    description: dict  # describe_data's: what the log and submission.json say about the data
+
+
+def load_run_data(h: Hyperparameters) -> RunData:
+    check_data_dir(h)
+    sp = load_tokenizer(tokenizer_path(h), h.vocab_size)
+    val_files = find_shards(h, "val")
+    val_tokens = load_validation_tokens(val_files, h.eval_seq_len, h.vocab_size)
+    sidecar = load_validation_byte_sidecars(val_files, len(val_tokens))
+    target_bytes = validation_target_bytes(val_tokens, build_byte_tables(sp), sidecar)
+    train_files = [] if h.eval_only else find_shards(h, "train")
+    return RunData(val_tokens, target_bytes, train_files, describe_data(val_files, val_tokens, target_bytes, sidecar, train_files))
+
+
+@dataclass(frozen=True)
+class TrainingReport:
+    """Training's part of the summary: the train loop's result, the seconds to the frozen weights
+    (the limit's count: training and GPTQ calibration) and the raw and EMA weights' scores."""
+
+    train: TrainResult
+    frozen_seconds: float
+    results: dict[str, EvalResult]
+
+
+def train_and_pack(h: Hyperparameters, rt: Runtime, log: Logger, timer: StageTimer, data: RunData, code_bytes: int, files: RunFiles) -> TrainingReport:
+    """Trains, calibrates GPTQ, scores the raw and EMA weights and writes the artifact (rank 0)."""
+    local_seqs = h.train_batch_tokens // (rt.world_size * h.accum_steps(rt.world_size) * h.train_seq_len)
+
+    def make_loader(seed_offset=0):
+        return TrainLoader(data.train_files, h.train_seq_len, local_seqs, rt.rank, rt.world_size, h.seed + seed_offset, h.vocab_size, rt.device)
+
     model = build_model(h, rt, log)
-    state, model.looping = unpack_artifact(data, h)
-    model.load_state_dict(state)
-    return model, len(data)
+    optimizers = Optimizers(model, h, rt)
+    with timer("compile_warmup"):
+        warm_up(model, optimizers, h, rt, make_loader, log)
+    ema = WeightEMA(list(model.parameters()), h.ema_decay, h.ema_power)
+    clock = time.perf_counter()
+    result = train(model, optimizers, ema, make_loader(), h, rt, log)
+    raw_weights = ema.swap_in()
+    hessians = collect_hessians(model, make_loader(seed_offset=1), h.gptq_calib_seqs, rt)
+    multipliers = allocate_quantization_steps(model, hessians, make_loader(seed_offset=2), h, rt, log) if h.quant_alloc_seqs else None
+    frozen_at = agreed_elapsed(clock, rt)
+    log(f"weights frozen {frozen_at:.1f}s after the clock started (training {result.seconds:.1f}s + GPTQ calibration {frozen_at - result.seconds:.1f}s; limit {h.max_wallclock_seconds:.0f}s)")
+    if frozen_at > h.max_wallclock_seconds:
+        log(f"WARNING: training plus calibration took {frozen_at:.1f}s, over MAX_WALLCLOCK_SECONDS; raise GPTQ_RESERVE_SECONDS")
+    log(f"peak GPU memory: {torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f} GiB" if rt.device.type == "cuda" else "peak GPU memory: n/a (cpu)")
+    results = {}
+    for label, weights in (("raw", raw_weights), ("ema", ema.shadow)):  # the EMA weights stay loaded
+        torch._foreach_copy_([p.detach() for p in model.parameters()], weights)
+        with timer(f"eval_{label}"):
+            results[label] = r = evaluate(model, data.val_tokens, data.target_bytes, h.eval_seq_len, None, h.eval_batch_seqs, rt)
+        log(f"eval {label}: val_loss {r.loss:.5f} val_bpb {r.bpb:.5f}")
+    if files.checkpoint is not None and rt.is_main:  # the unquantized final weights, for quantization studies
+        torch.save({"state_dict": model.state_dict(), "looping": model.looping}, files.checkpoint)
+    blob = build_artifact(model, hessians, multipliers, code_bytes, h, rt, log, timer)
+    if rt.is_main:
+        files.artifact.write_bytes(blob)
+    if rt.distributed:
+        dist.barrier()
+    return TrainingReport(result, frozen_at, results)
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """The artifact's scores by stage (in the order they ran), the final one's stage, and the
+    evaluation's time both ways: strict (artifact read and decode, compile warm-ups and every
+    stage) and the records' count (first scored token to the final score)."""
+
+    results: dict[str, EvalResult]
+    final_stage: str
+    strict_seconds: float
+    scored_seconds: float
+
+
+def load_artifact_model(decoded: DecodedArtifact, h: Hyperparameters, rt: Runtime, log: Logger) -> GPT:
+    model = build_model(h, rt, log)
+    model.looping = decoded.looping
+    model.load_state_dict(decoded.state)
+    return model
 
 
 FINAL_SCORE_STAGES = ("lora_ttt", "ttt", "sliding", "quantized")  # the first of these that ran gives the final score
 
 
-def run_evaluations(model, val_tokens, target_bytes, h, rt, log, timer, results: dict) -> tuple[str, float]:
+def run_evaluations(model, data: RunData, h, rt, log, timer, clock: float) -> EvaluationReport:
     """Quantized (plain), per-document LoRA TTT, sliding-window and score-first TTT evaluation of
     the loaded artifact: the final score right after the quick plain check, the diagnostics
     after it. LoRA TTT leaves the weights as they are; the score-first TTT, which trains them on
-    the whole validation set as it goes, comes last. Returns the final score's stage and the
-    records' count of the evaluation time: from the first scored token (the first stage's start,
-    after every compile warm-up) to the final score."""
+    the whole validation set as it goes, comes last. The strict time runs from `clock` (before
+    the artifact was read); the records' count from the first scored token (the first stage's
+    start, after every compile warm-up) to the final score."""
+    val_tokens, target_bytes, results = data.val_tokens, data.target_bytes, {}
+
     def windows(stride, ttt=None):
         return lambda: evaluate(model, val_tokens, target_bytes, h.eval_seq_len, stride, h.eval_batch_seqs, rt, ttt)
 
@@ -3185,7 +3267,11 @@ def run_evaluations(model, val_tokens, target_bytes, h, rt, log, timer, results:
             score_s, train_s = sum(s for s, _ in later), sum(t for _, t in later)
             steps = r.train_steps * len(later) // max(1, len(r.chunk_seconds) - 1)
             log(f"  steady state over {len(later)} chunks of {h.ttt_chunk_tokens:,} tokens: scoring {len(later) * h.ttt_chunk_tokens / score_s:,.0f} tok/s, training {1000 * train_s / max(1, steps):.1f} ms/step ({h.ttt_batch_seqs // rt.world_size} sequences per rank); first chunk {sum(r.chunk_seconds[0]):.1f}s")
-    return final, scored_seconds
+    strict = agreed_elapsed(clock, rt)
+    log(f"evaluation took {strict:.1f}s strict (artifact load, compile and every stage), {scored_seconds:.1f}s by the records' count (first scored token to the final score); limit {EVAL_LIMIT_SECONDS:.0f}s")
+    if max(strict, scored_seconds) > EVAL_LIMIT_SECONDS:
+        log(f"WARNING: the evaluation took {strict:.1f}s strict / {scored_seconds:.1f}s scored, over {EVAL_LIMIT_SECONDS:.0f}s; SLIDING_EVAL=0 leaves out the diagnostic")
+    return EvaluationReport(results, final, strict, scored_seconds)
 
 
 class SetupError(ValueError):
@@ -3286,8 +3372,9 @@ def main(argv: list[str] = ()) -> int:
         raise SetupError(f"unexpected argument {argv[0]!r}: settings are environment variables (NAME=value python3 train_gpt.py); --help lists them")
     with setup_errors():
         h = Hyperparameters.from_env()
+        decoded = None
         if h.eval_only and h.artifact_path:  # the model is the artifact's: its settings replace the defaults before the checks
-            h = check_artifact(Path(h.artifact_path), h)
+            h, decoded = check_artifact(Path(h.artifact_path), h)
     rt = init_runtime()
     with setup_errors():
         h.validate(rt.world_size)
@@ -3300,7 +3387,7 @@ def main(argv: list[str] = ()) -> int:
     fresh = not files.folder.exists()
     log = Logger(files.log if rt.is_main else None)
     try:
-        run(h, rt, log, files)
+        run(h, rt, log, files, decoded)
     except KeyboardInterrupt as err:  # Ctrl-C: one line, in the log too, and the shell's exit code
         log(f"interrupted {err.where if isinstance(err, Interrupted) else 'while setting up'}; partial outputs in {files.folder}")
         return 130
@@ -3318,101 +3405,86 @@ def main(argv: list[str] = ()) -> int:
     return 0
 
 
-def run(h: Hyperparameters, rt: Runtime, log: Logger, files: RunFiles):
-    """Data, training, calibration, artifact and evaluation; writes the run folder's
-    submission.json on rank 0. The data is checked before anything is logged, so that a bad
-    DATA_DIR ends the run with its one line."""
+@dataclass(frozen=True)
+class Summary:
+    """What a run reports, in one object: submission.json (as_json) and the log's closing lines
+    (closing_lines) are written from it. submission.json carries the challenge's limits and its
+    stages in the order they ran (val_bpb_stages) with the final one's name, so make_record.py
+    reads them from the runs rather than declaring them again."""
+
+    identity: dict  # run_id, seed, world_size, torch, hardware, data, code_sha256
+    training: TrainingReport | None  # None with EVAL_ONLY
+    artifact_bytes: dict
+    evaluation: EvaluationReport
+    stage_seconds: dict[str, float]
+
+    @property
+    def results(self) -> dict[str, EvalResult]:
+        return {**(self.training.results if self.training else {}), **self.evaluation.results}
+
+    @property
+    def final(self) -> EvalResult:
+        return self.evaluation.results[self.evaluation.final_stage]
+
+    def as_json(self) -> dict:
+        out = dict(self.identity)
+        if self.training is not None:
+            t = self.training.train
+            out.update(steps=t.steps, train_seconds=round(self.training.frozen_seconds, 2), stop_reason=t.stop_reason, train_tokens_per_second={k: round(v) for k, v in t.tokens_per_second.items()})
+        e = self.evaluation
+        out.update(
+            artifact_bytes=self.artifact_bytes,
+            val_bpb=round(self.final.bpb, 6),
+            val_loss=round(self.final.loss, 6),
+            val_bpb_stages={k: round(v.bpb, 6) for k, v in self.results.items()},
+            eval_seconds={k: round(v.seconds, 2) for k, v in e.results.items() if k in ("quantized", "sliding", "lora_ttt", "ttt")},
+            final_stage=e.final_stage,
+            eval_total_seconds=round(e.strict_seconds, 2),
+            eval_scored_seconds=round(e.scored_seconds, 2),
+            stage_seconds={k: round(v, 2) for k, v in self.stage_seconds.items()},
+            limits=dict(artifact_bytes=ARTIFACT_LIMIT_BYTES, train_seconds=TRAIN_LIMIT_SECONDS, eval_seconds=EVAL_LIMIT_SECONDS),
+        )
+        return out
+
+    def closing_lines(self, files: RunFiles) -> list[str]:
+        results, e = self.results, self.evaluation
+        gap = [f"quantization gap: {results['quantized'].bpb - results['ema'].bpb:+.5f} bpb (quantized - EMA)"] if "ema" in results else []
+        return gap + [
+            f"outputs in {files.folder}: {files.log.name} (this log), {files.summary.name}, the artifact {files.artifact}",
+            f"artifact {self.artifact_bytes['total']:,} bytes of the {ARTIFACT_LIMIT_BYTES:,} limit; evaluation {e.strict_seconds:.1f}s strict, {e.scored_seconds:.1f}s by the records' count, of {EVAL_LIMIT_SECONDS:.0f}s",
+            f"final val_bpb {self.final.bpb:.5f} ({e.final_stage})",
+        ]
+
+
+def run(h: Hyperparameters, rt: Runtime, log: Logger, files: RunFiles, decoded: DecodedArtifact | None = None):
+    """The pipeline: load and check the data, train and pack (not with EVAL_ONLY, whose artifact
+    main() has decoded), check the artifact's size, evaluate it, write the summary (rank 0's
+    submission.json). The data is checked before anything is logged, so that a bad DATA_DIR
+    ends the run with its one line."""
     timer = StageTimer(log, rt.device)
     with timer("load_data"), setup_errors():
-        check_data_dir(h)
-        sp = load_tokenizer(tokenizer_path(h), h.vocab_size)
-        val_files = find_shards(h, "val")
-        val_tokens = load_validation_tokens(val_files, h.eval_seq_len, h.vocab_size)
-        sidecar = load_validation_byte_sidecars(val_files, len(val_tokens))
-        target_bytes = validation_target_bytes(val_tokens, build_byte_tables(sp), sidecar)
-        train_files = [] if h.eval_only else find_shards(h, "train")
-        data = describe_data(val_files, val_tokens, target_bytes, sidecar, train_files)
+        data = load_run_data(h)
     log_environment(h, rt, log)
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
-    log(f"data: {len(train_files)} train shards ({data['train_tokens']:,} tokens); validation {data['validation_documents']:,} documents, {data['validation_targets']:,} targets, {data['validation_bytes']:,} bytes (from {'the byte sidecars' if sidecar is not None else 'the tokenizer'}), fingerprint {data['validation_sha256']}")
-    results: dict[str, EvalResult] = {}
-    summary: dict = dict(run_id=h.run_id, seed=h.seed, world_size=rt.world_size, torch=torch.__version__, hardware=f"{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'} x{rt.world_size}", data=data)
-
+    d = data.description
+    log(f"data: {d['train_shards']} train shards ({d['train_tokens']:,} tokens); validation {d['validation_documents']:,} documents, {d['validation_targets']:,} targets, {d['validation_bytes']:,} bytes (from {'the byte sidecars' if d['byte_sidecar'] else 'the tokenizer'}), fingerprint {d['validation_sha256']}")
     submitted_code = counted_code(h, log, files.code if rt.is_main else None)
     code = len(submitted_code)  # counted against the limit with the weights
-    summary["code_sha256"] = hashlib.sha256(submitted_code).hexdigest()  # runs of one submission share it
-    if not h.eval_only:
-        accum = h.accum_steps(rt.world_size)
-        local_seqs = h.train_batch_tokens // (rt.world_size * accum * h.train_seq_len)
-
-        def make_loader(seed_offset=0):
-            return TrainLoader(train_files, h.train_seq_len, local_seqs, rt.rank, rt.world_size, h.seed + seed_offset, h.vocab_size, rt.device)
-
-        model = build_model(h, rt, log)
-        optimizers = Optimizers(model, h, rt)
-        with timer("compile_warmup"):
-            warm_up(model, optimizers, h, rt, make_loader, log)
-        ema = WeightEMA(list(model.parameters()), h.ema_decay, h.ema_power)
-        clock = time.perf_counter()
-        result = train(model, optimizers, ema, make_loader(), h, rt, log)
-        raw_weights = ema.swap_in()
-        hessians = collect_hessians(model, make_loader(seed_offset=1), h.gptq_calib_seqs, rt)
-        multipliers = allocate_quantization_steps(model, hessians, make_loader(seed_offset=2), h, rt, log) if h.quant_alloc_seqs else None
-        frozen_at = agreed_elapsed(clock, rt)
-        log(f"weights frozen {frozen_at:.1f}s after the clock started (training {result.seconds:.1f}s + GPTQ calibration {frozen_at - result.seconds:.1f}s; limit {h.max_wallclock_seconds:.0f}s)")
-        if frozen_at > h.max_wallclock_seconds:
-            log(f"WARNING: training plus calibration took {frozen_at:.1f}s, over MAX_WALLCLOCK_SECONDS; raise GPTQ_RESERVE_SECONDS")
-        log(f"peak GPU memory: {torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f} GiB" if rt.device.type == "cuda" else "peak GPU memory: n/a (cpu)")
-        summary.update(steps=result.steps, train_seconds=round(frozen_at, 2), stop_reason=result.stop_reason, train_tokens_per_second={k: round(v) for k, v in result.tokens_per_second.items()})
-
-        for label, weights in (("raw", raw_weights), ("ema", ema.shadow)):  # the EMA weights stay loaded
-            torch._foreach_copy_([p.detach() for p in model.parameters()], weights)
-            with timer(f"eval_{label}"):
-                r = evaluate(model, val_tokens, target_bytes, h.eval_seq_len, None, h.eval_batch_seqs, rt)
-            results[label] = r
-            log(f"eval {label}: val_loss {r.loss:.5f} val_bpb {r.bpb:.5f}")
-        if files.checkpoint is not None and rt.is_main:  # the unquantized final weights, for quantization studies
-            torch.save({"state_dict": model.state_dict(), "looping": model.looping}, files.checkpoint)
-
-        blob = build_artifact(model, hessians, multipliers, code, h, rt, log, timer)
-        del model, optimizers, ema, hessians
-        if rt.is_main:
-            files.artifact.write_bytes(blob)
-        if rt.distributed:
-            dist.barrier()
-
+    identity = dict(run_id=h.run_id, seed=h.seed, world_size=rt.world_size, torch=torch.__version__, hardware=f"{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'} x{rt.world_size}", data=d, code_sha256=hashlib.sha256(submitted_code).hexdigest())  # runs of one submission share the code's hash
+    training = None if h.eval_only else train_and_pack(h, rt, log, timer, data, code, files)
     weight_bytes = files.artifact.stat().st_size
     log(f"artifact: weights {weight_bytes:,} + code {code:,} = {weight_bytes + code:,} bytes (limit {ARTIFACT_LIMIT_BYTES:,})")
     total = check_artifact_size(weight_bytes, code)
-    summary.update(artifact_bytes=dict(weights=weight_bytes, code=code, total=total))
-
-    eval_clock = time.perf_counter()
+    clock = time.perf_counter() - (decoded.seconds if decoded is not None else 0.0)  # EVAL_ONLY's decode, done before, counts
     with timer("load_artifact"):
-        model, _ = load_artifact_model(files.artifact, h, rt, log)
-    final_stage, eval_scored = run_evaluations(model, val_tokens, target_bytes, h, rt, log, timer, results)
-    eval_total = agreed_elapsed(eval_clock, rt)
-    log(f"evaluation took {eval_total:.1f}s strict (artifact load, compile and every stage), {eval_scored:.1f}s by the records' count (first scored token to the final score); limit {EVAL_LIMIT_SECONDS:.0f}s")
-    if max(eval_total, eval_scored) > EVAL_LIMIT_SECONDS:
-        log(f"WARNING: the evaluation took {eval_total:.1f}s strict / {eval_scored:.1f}s scored, over {EVAL_LIMIT_SECONDS:.0f}s; SLIDING_EVAL=0 leaves out the diagnostic")
-    if "ema" in results:
-        log(f"quantization gap: {results['quantized'].bpb - results['ema'].bpb:+.5f} bpb (quantized - EMA)")
-    final = results[final_stage]
-    summary.update(
-        val_bpb=round(final.bpb, 6),
-        val_loss=round(final.loss, 6),
-        val_bpb_stages={k: round(v.bpb, 6) for k, v in results.items()},
-        eval_seconds={k: round(v.seconds, 2) for k, v in results.items() if k in ("quantized", "sliding", "lora_ttt", "ttt")},
-        final_stage=final_stage,
-        eval_total_seconds=round(eval_total, 2),
-        eval_scored_seconds=round(eval_scored, 2),
-        stage_seconds={k: round(v, 2) for k, v in timer.seconds.items()},
-    )
+        model = load_artifact_model(decoded or decode_artifact(files.artifact, h), h, rt, log)
+    evaluation = run_evaluations(model, data, h, rt, log, timer, clock)
+    summary = Summary(identity, training, dict(weights=weight_bytes, code=code, total=total), evaluation, timer.seconds)
     if rt.is_main:
-        files.summary.write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"outputs in {files.folder}: {files.log.name} (this log), {files.summary.name}, the artifact {files.artifact}")
-    log(f"artifact {total:,} bytes of the {ARTIFACT_LIMIT_BYTES:,} limit; evaluation {eval_total:.1f}s strict, {eval_scored:.1f}s by the records' count, of {EVAL_LIMIT_SECONDS:.0f}s")
-    log(f"final val_bpb {final.bpb:.5f} ({final_stage})")
+        files.summary.write_text(json.dumps(summary.as_json(), indent=2) + "\n")
+    for line in summary.closing_lines(files):
+        log(line)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("raw", "ema", "quantized", "sliding", "lora_ttt", "ttt")
 
 
 def parse_env(text: str) -> dict:
@@ -113,13 +112,14 @@ def report(out: Path, variants: list[str], seeds: list[int]) -> str:
             if r is None:
                 lines.append(f"  {name} seed {s}: no result")
             else:
-                stages = " ".join(f"{k} {r['val_bpb_stages'][k]:.5f}" for k in STAGES if k in r["val_bpb_stages"])
+                stages = " ".join(f"{k} {v:.5f}" for k, v in r["val_bpb_stages"].items())  # in the order the run scored them
                 tps = r.get("train_tokens_per_second", {})
                 trained = f"steps {r['steps']} " if "steps" in r else "evaluation only, "  # an EVAL_ONLY run has no training figures
                 lines.append(f"  {name} seed {s}: {trained}{stages} | tok/s {tps.get('before_looping', 0):,} / {tps.get('looping', 0):,} | bytes {r['artifact_bytes']['total']:,}")
+    order = list(dict.fromkeys(k for r in results.values() if r for k in r["val_bpb_stages"]))  # the runs' own stages, in their order
     for name in variants[1:]:
         lines.append(f"{name} - {base}:")
-        for k in (*STAGES, "gap"):
+        for k in (*order, "gap"):
             diffs = []
             for s in seeds:
                 a, b = results[base, s], results[name, s]

@@ -109,11 +109,13 @@ def main(argv=None):
             raise SystemExit(f"eval_ab.py: {flag} must be >= 1")
     h = tg.Hyperparameters.from_env()
     try:  # the model is the artifacts', as with EVAL_ONLY: their settings replace the defaults
-        models = [tg.check_artifact(Path(path), h) for path in args.artifact]
+        checked = [tg.check_artifact(Path(path), h) for path in args.artifact]  # each decoded once, here
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"eval_ab.py: {err}") from None
-    h = models[0]
-    for path, other in zip(args.artifact[1:], models[1:]):
+    if any(decoded is None for _, decoded in checked):
+        raise SystemExit(f"eval_ab.py: {args.artifact[[d for _, d in checked].index(None)]}: at or over the {tg.ARTIFACT_LIMIT_BYTES:,}-byte limit")
+    h = checked[0][0]
+    for path, (other, _) in zip(args.artifact[1:], checked[1:]):
         if other != h:
             raise SystemExit(f"eval_ab.py: {path}: another model than {args.artifact[0]}'s (one process builds one model)")
     h.validate(1)
@@ -139,10 +141,10 @@ def main(argv=None):
 
     model = tg.build_model(model_settings(h, variants), rt, tg.Logger(None))
     results: dict[str, dict[str, dict]] = {}
-    for path in args.artifact:
+    for path, (_, decoded) in zip(args.artifact, checked):
         t0 = time.perf_counter()
-        state, model.looping = tg.unpack_artifact(Path(path).read_bytes(), h)
-        model.load_state_dict(state)
+        model.looping = decoded.looping
+        model.load_state_dict(decoded.state)
         tg.warm_up_windows(model, h, rt.device)
         plain = tg.evaluate(model, val, target_bytes, h.eval_seq_len, None, h.eval_batch_seqs, rt)
         say(f"\n{path}: quantized val_bpb {plain.bpb:.5f} (whole set; load and compile {time.perf_counter() - t0:.0f}s)", flush=True)

@@ -47,6 +47,32 @@ def tiny_hyperparameters(**overrides) -> "tg.Hyperparameters":
     return tg.Hyperparameters(**values)
 
 
+class Recorder:
+    """An evaluation's observer (train_gpt.py's _Accumulator): every event but the windows in
+    order (trace), and each target's score as it was counted (token_nll, NaN where none was)."""
+
+    def __init__(self, num_targets: int):
+        self.trace, self.token_nll = [], torch.full((num_targets,), float("nan"), dtype=torch.float64)
+
+    def __call__(self, event, *where, scores=None):
+        if scores is not None:
+            self.token_nll[where[-2] : where[-1]] = scores.detach().double().cpu()
+        if event != "window":
+            self.trace.append((event, *where))
+
+
+def observed(evaluation, tokens, *args, return_token_nll=False, trace=None, **kw):
+    """evaluation(..., observe=...) with a Recorder: the result gets the per-target scores as
+    .token_nll if asked for, and trace (a list) is extended with the events."""
+    recorder = Recorder(len(tokens) - 1)
+    result = evaluation(*args, observe=recorder, **kw)
+    if trace is not None:
+        trace.extend(recorder.trace)
+    if return_token_nll:
+        result.token_nll = recorder.token_nll
+    return result
+
+
 @pytest.fixture
 def cpu_runtime():
     return tg.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import tiny_hyperparameters
+from conftest import observed, tiny_hyperparameters
 from distributed import run_distributed
 
 SEQ, STRIDE, CHUNK = 32, 8, 128
@@ -62,7 +62,7 @@ def assert_causal_in_order(score, tokens, units):
 
 
 def _evaluate(model, tokens, tables, mode, rt, **kw):
-    return tg.evaluate(model, tokens, tg.validation_target_bytes(tokens, tables), SEQ, MODES[mode]["stride"], 4, rt, MODES[mode]["ttt"], **kw)
+    return observed(tg.evaluate, tokens, model, tokens, tg.validation_target_bytes(tokens, tables), SEQ, MODES[mode]["stride"], 4, rt, MODES[mode]["ttt"], **kw)
 
 
 def test_window_plans_cover_every_target_once():

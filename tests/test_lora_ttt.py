@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import tiny_hyperparameters
+from conftest import Recorder, observed, tiny_hyperparameters
 from distributed import run_distributed
 from test_eval import SEQ, _model, _scrambled, _stream, assert_causal_in_order
 
@@ -31,7 +31,7 @@ def _documents(tiny_data):
 
 
 def _lora(tokens, tables, rt, h=None, model=None, **kw):
-    return tg.evaluate_lora_ttt(model or _model(), tokens, tg.validation_target_bytes(tokens, tables), h or _h(), rt, **kw)
+    return observed(tg.evaluate_lora_ttt, tokens, model or _model(), tokens, tg.validation_target_bytes(tokens, tables), h or _h(), rt, **kw)
 
 
 CPU = tg.Runtime(0, 1, 0, torch.device("cpu"))
@@ -95,7 +95,7 @@ def test_a_wider_lora_window_scores_from_that_much_prefix_with_extrapolated_rope
     rotary = model.blocks[0].attn.rotary
     assert rotary.tables.size(1) == wide and torch.equal(rotary.tables.float(), tg.rotary_tables(h.rope_dims, h.rope_base, wide, wide))
     assert not torch.allclose(rotary.tables.float(), tg.rotary_tables(h.rope_dims, h.rope_base, wide, h.train_seq_len))  # not the NTK-rescaled ones
-    r = tg.evaluate_lora_ttt(model, tokens, tg.validation_target_bytes(tokens, tables), h, cpu_runtime, return_token_nll=True)
+    r = observed(tg.evaluate_lora_ttt, tokens, model, tokens, tg.validation_target_bytes(tokens, tables), h, cpu_runtime, return_token_nll=True)
     assert max(e - f for f, e in docs) > wide
     expected = torch.empty(len(tokens) - 1, dtype=torch.float64)
     with torch.no_grad():
@@ -556,13 +556,16 @@ def test_ranks_share_one_time_plan_made_with_the_slowest_step(tiny_data):
 def _planned_scores(tokens, tables, plan, trace=None):
     """_lora_ttt_documents under `plan`, every document in one batch: per-target scores."""
     docs = tg.document_spans(tokens)
-    acc = tg._Accumulator(torch.device("cpu"), len(tokens) - 1)
+    recorder = Recorder(len(tokens) - 1)
+    acc = tg._Accumulator(torch.device("cpu"), recorder)
     queue = [sorted(docs, key=lambda d: d[0] - d[1])]
     model = _model()
     with tg.frozen_weights(model):
-        tg._lora_ttt_documents(model, tokens, tg.validation_target_bytes(tokens, tables), lambda: queue.pop() if queue else None, _h(lora_ttt_batch_docs=len(docs)), acc, plan, trace=trace)
+        tg._lora_ttt_documents(model, tokens, tg.validation_target_bytes(tokens, tables), lambda: queue.pop() if queue else None, _h(lora_ttt_batch_docs=len(docs)), acc, plan)
     assert int(acc.count) == len(tokens) - 1
-    return acc.token_nll
+    if trace is not None:
+        trace.extend(recorder.trace)
+    return recorder.token_nll
 
 
 def test_a_planned_grid_scores_every_target_once_and_stays_causal(tiny_data):

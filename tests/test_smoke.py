@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -105,6 +106,8 @@ def test_submission_json(smoke_run):
     assert summary["data"]["validation_documents"] == 50 and summary["data"]["train_shards"] == 2  # tests/tiny_data.py's corpus
     assert summary["eval_total_seconds"] >= sum(summary["eval_seconds"].values()) + summary["stage_seconds"]["compile_lora_ttt"]
     assert summary["val_bpb"] == pytest.approx(summary["val_bpb_stages"]["lora_ttt"], abs=1e-6) and summary["final_stage"] == "lora_ttt"  # the final score
+    assert list(summary["val_bpb_stages"]) == ["raw", "ema", "quantized", "lora_ttt", "sliding", "ttt"]  # in the order they ran: make_record.py's table follows it
+    assert summary["limits"] == dict(artifact_bytes=tg.ARTIFACT_LIMIT_BYTES, train_seconds=tg.TRAIN_LIMIT_SECONDS, eval_seconds=tg.EVAL_LIMIT_SECONDS) == dict(artifact_bytes=16_000_000, train_seconds=600, eval_seconds=600)
     # the records' count: the quantized and LoRA TTT stages (the first scored token to the final score), not the load, compiles or the diagnostics after
     stages = summary["stage_seconds"]
     scored = stages["eval_quantized"] + stages["eval_lora_ttt"]  # each rounded to 0.01 s
@@ -218,6 +221,44 @@ def test_eval_only_rebuilds_the_model_from_the_artifact_alone(smoke_run, tmp_pat
     bare = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert bare.returncode == 0, bare.stderr[-3000:]
     assert final_bpb(bare.stdout) == final_bpb(proc.stdout) and "  NUM_LAYERS=4" in bare.stdout
+
+
+def test_eval_only_decodes_the_artifact_once_and_counts_the_decode(smoke_run, tmp_path, monkeypatch):
+    """EVAL_ONLY reads and decodes its artifact once (the check before any work), and the
+    evaluation's strict time counts that decode although it ran before the evaluation's clock."""
+    cwd, root, proc = smoke_run
+    monkeypatch.chdir(tmp_path)
+    for k, v in {**TINY_ENV, "DATA_DIR": str(root), "EVAL_ONLY": "1", "ARTIFACT_PATH": str(cwd / "final_model.pgq"), "RUN_ID": "once", "PACK_CODE": "0", "SLIDING_EVAL": "0", "TTT_ENABLED": "0"}.items():
+        monkeypatch.setenv(k, v)
+    unpack, decodes = tg.unpack_artifact, []
+
+    def slow_unpack(*args):
+        decodes.append(1)
+        time.sleep(1.0)  # a decode the strict count must see
+        return unpack(*args)
+
+    monkeypatch.setattr(tg, "unpack_artifact", slow_unpack)
+    assert tg.main() == 0
+    summary = json.loads((tmp_path / "runs" / "once" / "submission.json").read_text())
+    assert len(decodes) == 1
+    assert summary["eval_total_seconds"] >= 1.0 + summary["stage_seconds"]["load_artifact"] + summary["eval_seconds"]["lora_ttt"]
+    assert final_bpb((tmp_path / "runs" / "once" / "once.txt").read_text()) == final_bpb(proc.stdout)
+
+
+def test_the_summary_writes_submission_json_and_the_closing_lines_from_one_object(tmp_path):
+    """submission.json and the log's last lines come from one Summary: the same final score,
+    artifact size and times; the stages in the order they ran; the challenge's limits."""
+    ema, quantized, lora = (tg.EvalResult(nll * 1000, 1000 / 0.9 * 1.2, 900, 2.0) for nll in (0.81, 0.82, 0.78))
+    training = tg.TrainingReport(tg.TrainResult(12, 3.0, "iterations", dict(before_looping=1000.0)), 3.5, dict(ema=ema))
+    evaluation = tg.EvaluationReport(dict(quantized=quantized, lora_ttt=lora), "lora_ttt", 9.25, 7.5)
+    summary = tg.Summary(dict(run_id="r", seed=1), training, dict(weights=900, code=100, total=1000), evaluation, dict(load_artifact=0.5))
+    files = tg.RunFiles.of(tg.Hyperparameters(out_dir=str(tmp_path), run_id="r"))
+    out, lines = summary.as_json(), summary.closing_lines(files)
+    assert list(out["val_bpb_stages"]) == ["ema", "quantized", "lora_ttt"] and out["final_stage"] == "lora_ttt" and out["steps"] == 12 and out["train_seconds"] == 3.5
+    assert lines[-1] == f"final val_bpb {out['val_bpb']:.5f} (lora_ttt)" and out["val_bpb"] == round(lora.bpb, 6)
+    assert lines[-2] == "artifact 1,000 bytes of the 16,000,000 limit; evaluation 9.2s strict, 7.5s by the records' count, of 600s"
+    assert out["eval_total_seconds"] == 9.25 and out["eval_scored_seconds"] == 7.5 and out["limits"]["eval_seconds"] == tg.EVAL_LIMIT_SECONDS
+    assert lines[0] == f"quantization gap: {quantized.bpb - ema.bpb:+.5f} bpb (quantized - EMA)"
 
 
 def test_oversized_artifact_is_refused_without_a_score(tiny_data, tmp_path, monkeypatch):

@@ -2266,9 +2266,8 @@ def with_artifact_settings(h: Hyperparameters, header: dict, environ) -> Hyperpa
 
 @dataclass(frozen=True)
 class DecodedArtifact:
-    """An artifact read and decoded once: the dequantized state dict (fp32), the looping flag,
-    the file's size and the seconds the read and the decode took (the evaluation's strict count
-    includes them wherever they ran)."""
+    """An artifact read and decoded once: the dequantized state dict (fp32), the looping flag, the
+    file's size and the seconds reading and decoding took (the strict evaluation time counts them)."""
 
     state: dict[str, torch.Tensor]
     looping: bool
@@ -2284,11 +2283,10 @@ def decode_artifact(path: Path, h: Hyperparameters) -> DecodedArtifact:
 
 
 def check_artifact(path: Path, h: Hyperparameters, environ=None) -> tuple[Hyperparameters, DecodedArtifact | None]:
-    """EVAL_ONLY's artifact, read whole and decoded before any work: a missing, empty, truncated
-    or foreign file, or a model setting in the environment that differs from the artifact's, is
-    one clear error. Returns h with the artifact's model settings (with_artifact_settings) and the
-    decoded artifact, which the evaluation then loads (None for a file at or over the size
-    limit: the size check refuses it, with the code counted, before anything is scored)."""
+    """EVAL_ONLY's artifact, read and decoded before any work: a missing, empty, truncated or
+    foreign file, or a model setting in the environment unlike the artifact's, is one clear error.
+    Returns h with the artifact's model settings (with_artifact_settings) and the decoded artifact
+    for the evaluation (None at or over the size limit: the size check refuses it, code counted)."""
     if not path.is_file():
         raise FileNotFoundError(f"ARTIFACT_PATH={str(path)!r}: no such file")
     if path.stat().st_size >= ARTIFACT_LIMIT_BYTES:
@@ -2502,10 +2500,9 @@ class TTTConfig:
 
 
 class _Accumulator:
-    """An evaluation's sums (this rank's), and its observer: None, or a callback that hears
-    every score and step as it happens, observe(event, *where, scores=None): ("window", first,
-    end) and LoRA TTT's ("score", document, first, end) with the targets' scores, and ("score" |
-    "train" | "phase", ...) as the evaluations below say. Tests check causality with it."""
+    """An evaluation's sums (this rank's) and its observer, None or a callback that hears every score
+    and step as it happens (tests check causality with it): observe(event, *where, scores=None),
+    ("window", first, end) and LoRA TTT's ("score", document, first, end) with the scores."""
 
     def __init__(self, device, observe=None):
         self.nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -2820,12 +2817,14 @@ def _adapted_token_nll(model: GPT, adapters: DocumentAdapters, x: torch.Tensor, 
 
 class BatchQueue:
     """Hands out batch numbers 0, 1, ... to whichever rank asks next, through an atomic counter
-    in the process group's key-value store; a rank that gets one past the end is done."""
+    in the process group's key-value store; a rank that gets one past the end is done. A number
+    claimed at or past claim_below's limit (a phase boundary) is held: the rank's first after it."""
 
     _calls = 0
 
     def __init__(self, num_batches: int, rt: Runtime):
         self.num_batches, self.rt, self.next = num_batches, rt, 0
+        self.held, self.latest = [], 0  # latest: the batches up to this rank's latest claim
         BatchQueue._calls += 1  # a fresh counter per evaluation (every rank counts alike)
         self.key = f"lora_ttt_batches_{BatchQueue._calls}"
 
@@ -2835,6 +2834,14 @@ class BatchQueue:
         else:
             number, self.next = self.next, self.next + 1
         return number if number < self.num_batches else None
+
+    def claim_below(self, limit: int) -> int | None:
+        number = self.held.pop() if self.held else self.claim()
+        if number is not None and number >= limit:
+            self.held.append(number)
+            return None
+        self.latest = self.latest if number is None else max(self.latest, number + 1)
+        return number
 
 
 @contextlib.contextmanager
@@ -2910,79 +2917,89 @@ def lora_ttt_plan(lengths: list[int], h: Hyperparameters, step_seconds: float | 
     return plan, f"even chunks of {plan.long_chunk} everywhere cannot fit the {h.lora_ttt_budget_seconds:.0f}s budget (projected {projected(plan):.0f}s): adaptation stops after {max_steps} steps of a document, the rest is scored without it"
 
 
-def _lora_ttt_documents(model: GPT, tokens: torch.Tensor, target_bytes: torch.Tensor, claim, h: Hyperparameters, acc: _Accumulator, plan: ChunkPlan, stream_hints: torch.Tensor | None = None, progress=None) -> int:
-    """Scores documents (target ranges) chunk by chunk (the plan's grid) in LORA_TTT_BATCH_DOCS
-    rows, each row with its own adapters, one AdamW step after each chunk (none after a
-    document's last, nor past the plan's max_steps). A row whose document is done takes the next
-    one (from claim(), a list of documents or None when there are no more) and restarts its
-    adapters and optimizer state. Every chunk runs one
-    shape, rows x LoRA TTT's window, so a single compiled graph serves the whole evaluation. With
-    NGRAM_TILT_BETA the scores are tilted towards each target's n-gram hint (stream_hints, per
-    target); the steps learn from the untilted loss. progress(), if given, is called once per
-    chunk (the log's progress line). Returns the number of steps."""
-    device, seq_len, rows = tokens.device, h.lora_ttt_window(), h.lora_ttt_batch_docs
-    adapters = DocumentAdapters(model, rows, h.lora_ttt_rank, h.lora_ttt_alpha, tuple(h.lora_ttt_targets.split(",")))
-    optimizer = RowAdamW(adapters.parameters(), rows, h.lora_ttt_lr, h.lora_ttt_beta2, 1e-10, h.lora_ttt_wd)
-    hints = torch.full((len(tokens),), -1, dtype=torch.int64, device=device)  # per target (the last entry stays -1: none)
-    if stream_hints is not None:
-        hints[: len(stream_hints)] = stream_hints
-    first, end, scored_to, taken = (torch.zeros(rows, dtype=torch.int64) for _ in range(4))  # per row: its document, its targets scored so far end here, steps taken
-    pending, steps, offsets = [], 0, torch.arange(plan.widest, device=device)
-    while True:
-        new = torch.zeros(rows, dtype=torch.bool)
-        for row in torch.nonzero(scored_to >= end).flatten().tolist():  # free rows take the next documents
-            if not pending and (batch := claim()):
-                pending = list(reversed(batch))
-                acc.bytes += sum(target_bytes[f:e].double().sum() for f, e in batch)  # every target of the batch gets scored
-            if pending:
-                first[row], end[row] = pending.pop()
-                scored_to[row], taken[row], new[row] = first[row], 0, True
-        live = scored_to < end
-        if not live.any():
-            return steps
-        if progress is not None:
-            progress()
-        if new.any():
-            new = new.to(device)
-            adapters.restart(new)
-            optimizer.restart(new)
-        a = torch.where(live, scored_to, 0)  # this chunk: targets [a, b) of each row's document
-        size = torch.where(a - first < plan.short_span, plan.chunk, plan.long_chunk)
-        b = torch.where(live, torch.minimum(a + size, end), 0)
-        # the window: the last seq_len tokens before the end of the chunk's slot on the grid, never
-        # before the document's start, so a target's context is fixed by its own position (a
-        # partial last chunk reads no more than a full one: where the document ends is not known)
-        w = torch.maximum(first, a + size - seq_len) * live
-        more = live & (b < end) & (taken < plan.max_steps)  # rows that take a step after this chunk
-        taken += more
-        w_, a_, b_, more_ = torch.stack([w, a, b, more]).to(device).unbind()
-        window = w_[:, None] + torch.arange(seq_len, device=device)
-        x = torch.where(window < b_[:, None], tokens[window.clamp(max=len(tokens) - 1)], 0)  # left-aligned: the padding after b is causally invisible
-        positions = (a_ - w_)[:, None] + offsets  # the chunk inside the window
-        scored = positions < (b_ - w_)[:, None]
-        positions = positions.clamp(max=seq_len - 1)
-        y = tokens[(w_[:, None] + positions + 1).clamp(max=len(tokens) - 1)]
-        hint = hints[torch.where(scored, a_[:, None] + offsets, -1)]  # hints[-1] is -1: none
-        with autocast(device):
-            nll, hint_logp = _adapted_token_nll(model, adapters, x, y, positions, hint.clamp_min(0))
-        nll = nll * scored
-        with torch.no_grad():  # the chunk's scores are counted before any step uses them
-            score = ngram_tilt(nll, hint_logp, hint == y, hint >= 0, h.ngram_tilt_beta) if h.ngram_tilt_beta > 0 else nll
-            acc.nll += score.double().sum()
-            acc.untilted_nll += nll.double().sum()
-            acc.count += scored.sum()
-            for row in torch.nonzero(live).flatten().tolist() if acc.observe else ():
-                acc.observe("score", int(first[row]), int(a[row]), int(b[row]), scores=score[row, : b[row] - a[row]])
-        scored_to = torch.where(live, b, scored_to)
-        if not more.any():
-            continue
-        per_doc = nll.sum(1) / scored.sum(1).clamp_min(1)  # each document's mean over its chunk
-        optimizer.zero_grad()
-        (per_doc * more_).sum().backward()  # each document's gradient is its own
-        optimizer.step()
-        steps += 1
-        for row in torch.nonzero(more).flatten().tolist() if acc.observe else ():
-            acc.observe("train", int(first[row]), int(a[row]), int(b[row]))
+def chunk_slots(first, end, scored_to, live, plan: ChunkPlan, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's next chunk (host tensors per row; zeros where not live): its targets [a, b) on the
+    plan's grid and its window's first token w, seq_len before the end of the chunk's grid slot but
+    never before the document's start: a target's context is fixed by its own position (a partial
+    last chunk reads no more than a full one: where the document ends is not known)."""
+    a = torch.where(live, scored_to, 0)
+    size = torch.where(a - first < plan.short_span, plan.chunk, plan.long_chunk)
+    b = torch.where(live, torch.minimum(a + size, end), 0)
+    return torch.maximum(first, a + size - seq_len) * live, a, b
+
+
+class LoraTTT:
+    """One rank's LoRA TTT over a token stream, chosen once: LORA_TTT_BATCH_DOCS rows with their own
+    adapters (DocumentAdapters) and AdamW state (RowAdamW), the chunk plan, a hint per target (-1:
+    none; None: no tilt). Each chunk (chunk_slots) is scored, tilted towards its hints, then one
+    AdamW step learns from its untilted loss (none after a document's last chunk, nor past the
+    plan's max_steps); a row whose document is done takes the next one from claim() (a list of
+    documents, None when there are no more) and restarts. One shape, rows x the window: one graph."""
+
+    def __init__(self, model: GPT, h: Hyperparameters, plan: ChunkPlan, tokens: torch.Tensor, target_bytes: torch.Tensor, hints: torch.Tensor | None = None):
+        self.model, self.plan, self.tokens, self.target_bytes = model, plan, tokens, target_bytes
+        self.rows, self.seq_len, self.beta = h.lora_ttt_batch_docs, h.lora_ttt_window(), h.ngram_tilt_beta if hints is not None else 0.0
+        self.adapters = DocumentAdapters(model, self.rows, h.lora_ttt_rank, h.lora_ttt_alpha, tuple(h.lora_ttt_targets.split(",")))
+        self.optimizer = RowAdamW(self.adapters.parameters(), self.rows, h.lora_ttt_lr, h.lora_ttt_beta2, 1e-10, h.lora_ttt_wd)
+        self.hints = torch.full((len(tokens),), -1, dtype=torch.int64, device=tokens.device)  # per target (the last entry stays -1: none)
+        if hints is not None:
+            self.hints[: len(hints)] = hints
+
+    def score(self, claim, acc: _Accumulator, progress=None) -> int:
+        """Scores every document claim() hands out into acc; progress(), if given, is called once
+        per chunk (the log's progress line). Returns the number of steps."""
+        tokens, rows, seq_len, device = self.tokens, self.rows, self.seq_len, self.tokens.device
+        first, end, scored_to, taken = (torch.zeros(rows, dtype=torch.int64) for _ in range(4))  # per row: its document, its targets scored so far end here, steps taken
+        pending, steps, offsets = [], 0, torch.arange(self.plan.widest, device=device)
+        while True:
+            new = torch.zeros(rows, dtype=torch.bool)
+            for row in torch.nonzero(scored_to >= end).flatten().tolist():  # free rows take the next documents
+                if not pending and (batch := claim()):
+                    pending = list(reversed(batch))
+                    acc.bytes += sum(self.target_bytes[f:e].double().sum() for f, e in batch)  # every target of the batch gets scored
+                if pending:
+                    first[row], end[row] = pending.pop()
+                    scored_to[row], taken[row], new[row] = first[row], 0, True
+            live = scored_to < end
+            if not live.any():
+                return steps
+            if progress is not None:
+                progress()
+            if new.any():
+                new = new.to(device)
+                self.adapters.restart(new)
+                self.optimizer.restart(new)
+            w, a, b = chunk_slots(first, end, scored_to, live, self.plan, seq_len)
+            more = live & (b < end) & (taken < self.plan.max_steps)  # rows that take a step after this chunk
+            taken += more
+            w_, a_, b_, more_ = torch.stack([w, a, b, more]).to(device).unbind()
+            window = w_[:, None] + torch.arange(seq_len, device=device)
+            x = torch.where(window < b_[:, None], tokens[window.clamp(max=len(tokens) - 1)], 0)  # left-aligned: the padding after b is causally invisible
+            positions = (a_ - w_)[:, None] + offsets  # the chunk inside the window
+            scored = positions < (b_ - w_)[:, None]
+            positions = positions.clamp(max=seq_len - 1)
+            y = tokens[(w_[:, None] + positions + 1).clamp(max=len(tokens) - 1)]
+            hint = self.hints[torch.where(scored, a_[:, None] + offsets, -1)]  # hints[-1] is -1: none
+            with autocast(device):
+                nll, hint_logp = _adapted_token_nll(self.model, self.adapters, x, y, positions, hint.clamp_min(0))
+            nll = nll * scored
+            with torch.no_grad():  # the chunk's scores are counted before any step uses them
+                score = ngram_tilt(nll, hint_logp, hint == y, hint >= 0, self.beta) if self.beta > 0 else nll
+                acc.nll += score.double().sum()
+                acc.untilted_nll += nll.double().sum()
+                acc.count += scored.sum()
+                for row in torch.nonzero(live).flatten().tolist() if acc.observe else ():
+                    acc.observe("score", int(first[row]), int(a[row]), int(b[row]), scores=score[row, : b[row] - a[row]])
+            scored_to = torch.where(live, b, scored_to)
+            if not more.any():
+                continue
+            per_doc = nll.sum(1) / scored.sum(1).clamp_min(1)  # each document's mean over its chunk
+            self.optimizer.zero_grad()
+            (per_doc * more_).sum().backward()  # each document's gradient is its own
+            self.optimizer.step()
+            steps += 1
+            for row in torch.nonzero(more).flatten().tolist() if acc.observe else ():
+                acc.observe("train", int(first[row]), int(a[row]), int(b[row]))
 
 
 def phase_boundaries(num_batches: int, h: Hyperparameters) -> list[int]:
@@ -3010,20 +3027,29 @@ def global_sgd_phase(model: GPT, tokens: torch.Tensor, docs: list[tuple[int, int
     return num_steps
 
 
+def lora_ttt_hints(tokens: torch.Tensor, docs: list[tuple[int, int]], h: Hyperparameters, log) -> torch.Tensor | None:
+    """The stream n-gram hints over the documents in queue order (every rank's), or None (no tilt)."""
+    if h.ngram_tilt_beta <= 0:
+        return None
+    t0 = time.perf_counter()
+    hints = queue_ngram_hints(tokens, docs, h.ngram_tilt_order, h.ngram_tilt_min_share, h.vocab_size)
+    if log is not None:
+        synchronize(tokens.device)
+        log(f"  lora_ttt: stream n-gram hints in queue order (order {h.ngram_tilt_order}, share >= {h.ngram_tilt_min_share}) for {(hints >= 0).float().mean().item():.2%} of the targets in {time.perf_counter() - t0:.1f}s")
+    return hints
+
+
 def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: Runtime, observe=None, log=None, step_seconds: float | None = None) -> EvalResult:
     """Per-document LoRA test-time training. Documents, longest first, go in batches of
     LORA_TTT_BATCH_DOCS to whichever rank claims the batch next. The score is causal in this
     queue order (batch number, then position in the batch): a document's score depends only on
     its own prefix and on documents before it in the queue (through the phases and the hints),
-    never on which rank took which batch. Each document is scored chunk by chunk from at most
-    LoRA TTT's window of its own prefix, an AdamW step on its adapters after each chunk's scores
-    are counted (_lora_ttt_documents), on the time plan's grid (from the documents' lengths and
-    step_seconds, one chunk's measured time). With NGRAM_TILT_BETA the hints come first, from the
-    documents concatenated in queue order. With LORA_TTT_PHASES, at each phase boundary every
-    rank stops claiming and finishes its documents, and all ranks train all weights on every
-    document of the batches before the boundary (all scored by then) before LoRA TTT goes on; the
-    weights are restored at the end, so the model leaves as it came.
-    observe (see _Accumulator) hears ("score" | "train", document, first_target, end_target) and
+    never on which rank took which batch. LoraTTT scores each document from its own prefix, on
+    the time plan's grid (from the documents' lengths and step_seconds, one chunk's measured time),
+    with the hints of the documents in queue order, built first. With LORA_TTT_PHASES, at each
+    phase boundary every rank stops claiming and finishes its documents, and all ranks train all
+    weights on every document of the batches before it (all scored by then); the weights are
+    restored at the end. observe (_Accumulator) also hears ("train", document, first, end) and
     ("phase", documents); `log` hears about the plan, every tenth batch and every phase."""
     t0 = time.perf_counter()
     docs = sorted(document_spans(tokens), key=lambda d: d[0] - d[1])  # longest first
@@ -3031,50 +3057,36 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     acc = _Accumulator(rt.device, observe)
     tokens, target_bytes = tokens.to(rt.device), target_bytes.to(rt.device)
     queue = BatchQueue(len(batches), rt)
-    held = []  # a batch number this rank claimed past a phase boundary: its first after the phase
-    if log is not None:  # a document's chunks run one after another: the longest one is a floor on a rank's time
-        chunks = [-(-(end - first) // h.lora_ttt_chunk_tokens) for first, end in docs]
-        log(f"  lora_ttt: {len(docs):,} documents in {len(batches)} batches, {sum(chunks):,} chunks; the longest document {docs[0][1] - docs[0][0]:,} targets ({chunks[0]:,} chunks)")
     if step_seconds is not None and rt.distributed:  # every rank plans with the slowest rank's step: one plan for all
         step_seconds = all_reduce(torch.tensor(step_seconds, dtype=torch.float64, device=rt.device), dist.ReduceOp.MAX).item()
     lengths = [e - f for f, e in docs]
     plan, plan_line = lora_ttt_plan(lengths, h, step_seconds, rt.world_size)
     projected = None if step_seconds is None else projected_seconds(plan, lengths, step_seconds, h.lora_ttt_batch_docs * rt.world_size)
-    if log is not None:
+    if log is not None:  # a document's chunks run one after another: the longest one is a floor on a rank's time
+        chunks = [-(-(end - first) // h.lora_ttt_chunk_tokens) for first, end in docs]
+        log(f"  lora_ttt: {len(docs):,} documents in {len(batches)} batches, {sum(chunks):,} chunks; the longest document {docs[0][1] - docs[0][0]:,} targets ({chunks[0]:,} chunks)")
         log(f"  lora_ttt time plan: {plan_line}")
-    last_progress, latest = [t0], [0]  # the last progress line's time; the batches up to this rank's latest claim
+    last_progress = [t0]  # the last progress line's time
 
     def progress():  # a line every PROGRESS_SECONDS: LoRA TTT runs for minutes
         now = time.perf_counter()
         if log is not None and now - last_progress[0] >= PROGRESS_SECONDS:
             last_progress[0] = now
-            plan_end = "" if projected is None else f", the plan's projected end {projected:.0f}s"
-            log(f"  lora_ttt: {int(acc.count.item()):,} targets scored on rank {rt.rank}, batches up to {latest[0]} of {len(batches)} claimed, {now - t0:.0f}s elapsed{plan_end}")
+            log(f"  lora_ttt: {int(acc.count.item()):,} targets scored on rank {rt.rank}, batches up to {queue.latest} of {len(batches)} claimed, {now - t0:.0f}s elapsed" + ("" if projected is None else f", the plan's projected end {projected:.0f}s"))
 
     def claim_below(limit):
-        number = held.pop() if held else queue.claim()
-        if number is not None and number >= limit:
-            held.append(number)
-            return None
-        if number is not None:
-            latest[0] = max(latest[0], number + 1)
+        number = queue.claim_below(limit)
         if log is not None and number is not None and number % 10 == 0:
             log(f"  lora_ttt: batch {number}/{len(batches)} claimed by rank {rt.rank} at {time.perf_counter() - t0:.0f}s")
         return None if number is None else batches[number]
 
-    stream_hints = None
-    if h.ngram_tilt_beta > 0:  # over the documents in queue order, the same on every rank
-        t_hints = time.perf_counter()
-        stream_hints = queue_ngram_hints(tokens, docs, h.ngram_tilt_order, h.ngram_tilt_min_share, h.vocab_size)
-        if log is not None:
-            synchronize(tokens.device)
-            log(f"  lora_ttt: stream n-gram hints in queue order (order {h.ngram_tilt_order}, share >= {h.ngram_tilt_min_share}) for {(stream_hints >= 0).float().mean().item():.2%} of the targets in {time.perf_counter() - t_hints:.1f}s")
+    lora = LoraTTT(model, h, plan, tokens, target_bytes, lora_ttt_hints(tokens, docs, h, log))
     boundaries = phase_boundaries(len(batches), h)
     artifact_weights = [p.detach().clone() for p in model.parameters()] if boundaries else None  # the phases train them
     train_steps = 0
     for limit in [*boundaries, len(batches)]:
         with frozen_weights(model):
-            train_steps += _lora_ttt_documents(model, tokens, target_bytes, lambda: claim_below(limit), h, acc, plan, stream_hints, progress)
+            train_steps += lora.score(lambda: claim_below(limit), acc, progress)
         if limit < len(batches):
             t_phase, scored = time.perf_counter(), [d for batch in batches[:limit] for d in batch]
             steps = global_sgd_phase(model, tokens, scored, h, rt)
@@ -3089,10 +3101,9 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
 
 
 def warm_up_lora_ttt(model: GPT, h: Hyperparameters, device: torch.device) -> float:
-    """Compiles LoRA TTT's one shape, forward and backward, on a batch of random three-chunk
-    documents (never validation tokens); the scores are discarded. A second pass over them, now
-    compiled, is timed: half of it is the step time the time plan projects with (two chunks with
-    a step and a last one without: a little more than two steps)."""
+    """Compiles LoRA TTT's one shape, forward and backward, on random three-chunk documents (never
+    validation tokens; the scores are discarded). A second, compiled pass is timed: half of it is
+    the step time the time plan projects with (two chunks with a step and one without)."""
     length = 3 * h.lora_ttt_chunk_tokens
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, h.vocab_size, (h.lora_ttt_batch_docs * length + 1,), generator=g)
@@ -3106,7 +3117,7 @@ def warm_up_lora_ttt(model: GPT, h: Hyperparameters, device: torch.device) -> fl
         synchronize(device)
         t0 = time.perf_counter()
         with frozen_weights(model):
-            _lora_ttt_documents(model, on_device, target_bytes, lambda: batches.pop() if batches else None, h, _Accumulator(device), plan)
+            LoraTTT(model, h, plan, on_device, target_bytes).score(lambda: batches.pop() if batches else None, _Accumulator(device))
         synchronize(device)
         seconds = time.perf_counter() - t0
     return seconds / 2
@@ -3208,9 +3219,8 @@ def train_and_pack(h: Hyperparameters, rt: Runtime, log: Logger, timer: StageTim
 
 @dataclass(frozen=True)
 class EvaluationReport:
-    """The artifact's scores by stage (in the order they ran), the final one's stage, and the
-    evaluation's time both ways: strict (artifact read and decode, compile warm-ups and every
-    stage) and the records' count (first scored token to the final score)."""
+    """The artifact's scores by stage (in the order they ran), the final one's stage, and the time:
+    strict (read, decode, compile and every stage) and the records' count (first scored token on)."""
 
     results: dict[str, EvalResult]
     final_stage: str
@@ -3407,10 +3417,9 @@ def main(argv: list[str] = ()) -> int:
 
 @dataclass(frozen=True)
 class Summary:
-    """What a run reports, in one object: submission.json (as_json) and the log's closing lines
-    (closing_lines) are written from it. submission.json carries the challenge's limits and its
-    stages in the order they ran (val_bpb_stages) with the final one's name, so make_record.py
-    reads them from the runs rather than declaring them again."""
+    """What a run reports: submission.json (as_json) and the log's closing lines, from one object.
+    submission.json carries the challenge's limits and the stages in the order they ran with the
+    final one's name: make_record.py reads them from the runs rather than declaring them again."""
 
     identity: dict  # run_id, seed, world_size, torch, hardware, data, code_sha256
     training: TrainingReport | None  # None with EVAL_ONLY
@@ -3418,25 +3427,17 @@ class Summary:
     evaluation: EvaluationReport
     stage_seconds: dict[str, float]
 
-    @property
-    def results(self) -> dict[str, EvalResult]:
-        return {**(self.training.results if self.training else {}), **self.evaluation.results}
-
-    @property
-    def final(self) -> EvalResult:
-        return self.evaluation.results[self.evaluation.final_stage]
-
     def as_json(self) -> dict:
-        out = dict(self.identity)
+        out, e = dict(self.identity), self.evaluation
+        results, final = {**(self.training.results if self.training else {}), **e.results}, e.results[e.final_stage]
         if self.training is not None:
             t = self.training.train
             out.update(steps=t.steps, train_seconds=round(self.training.frozen_seconds, 2), stop_reason=t.stop_reason, train_tokens_per_second={k: round(v) for k, v in t.tokens_per_second.items()})
-        e = self.evaluation
         out.update(
             artifact_bytes=self.artifact_bytes,
-            val_bpb=round(self.final.bpb, 6),
-            val_loss=round(self.final.loss, 6),
-            val_bpb_stages={k: round(v.bpb, 6) for k, v in self.results.items()},
+            val_bpb=round(final.bpb, 6),
+            val_loss=round(final.loss, 6),
+            val_bpb_stages={k: round(v.bpb, 6) for k, v in results.items()},
             eval_seconds={k: round(v.seconds, 2) for k, v in e.results.items() if k in ("quantized", "sliding", "lora_ttt", "ttt")},
             final_stage=e.final_stage,
             eval_total_seconds=round(e.strict_seconds, 2),
@@ -3447,20 +3448,19 @@ class Summary:
         return out
 
     def closing_lines(self, files: RunFiles) -> list[str]:
-        results, e = self.results, self.evaluation
-        gap = [f"quantization gap: {results['quantized'].bpb - results['ema'].bpb:+.5f} bpb (quantized - EMA)"] if "ema" in results else []
+        e, trained = self.evaluation, self.training.results if self.training else {}
+        gap = [f"quantization gap: {e.results['quantized'].bpb - trained['ema'].bpb:+.5f} bpb (quantized - EMA)"] if "ema" in trained else []
         return gap + [
             f"outputs in {files.folder}: {files.log.name} (this log), {files.summary.name}, the artifact {files.artifact}",
             f"artifact {self.artifact_bytes['total']:,} bytes of the {ARTIFACT_LIMIT_BYTES:,} limit; evaluation {e.strict_seconds:.1f}s strict, {e.scored_seconds:.1f}s by the records' count, of {EVAL_LIMIT_SECONDS:.0f}s",
-            f"final val_bpb {self.final.bpb:.5f} ({e.final_stage})",
+            f"final val_bpb {e.results[e.final_stage].bpb:.5f} ({e.final_stage})",
         ]
 
 
 def run(h: Hyperparameters, rt: Runtime, log: Logger, files: RunFiles, decoded: DecodedArtifact | None = None):
-    """The pipeline: load and check the data, train and pack (not with EVAL_ONLY, whose artifact
-    main() has decoded), check the artifact's size, evaluate it, write the summary (rank 0's
-    submission.json). The data is checked before anything is logged, so that a bad DATA_DIR
-    ends the run with its one line."""
+    """The pipeline: load and check the data (before anything is logged: a bad DATA_DIR is one
+    line), train and pack (not with EVAL_ONLY, whose artifact main() decoded), check the size,
+    evaluate, write the summary (rank 0's submission.json)."""
     timer = StageTimer(log, rt.device)
     with timer("load_data"), setup_errors():
         data = load_run_data(h)

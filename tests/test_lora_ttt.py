@@ -553,15 +553,31 @@ def test_ranks_share_one_time_plan_made_with_the_slowest_step(tiny_data):
     assert fast0 == fast1 and fast0 != plan0
 
 
+def test_chunk_slots_place_each_chunk_and_its_window_by_position_alone():
+    """chunk_slots, the pure window function: a document's first short_span targets in chunks of
+    `chunk`, then of `long_chunk`; each window ends where the chunk's grid slot ends, holds seq_len
+    tokens and never starts before the document; a row not live gets zeros; where the document
+    ends changes b only."""
+    plan, seq_len = tg.ChunkPlan(8, 16, short_span=16), 32
+    first, end, scored_to = torch.tensor([0, 100, 100, 50, 0]), torch.tensor([100, 400, 104, 60, 50]), torch.tensor([0, 300, 100, 60, 40])
+    live = scored_to < end
+    w, a, b = tg.chunk_slots(first, end, scored_to, live, plan, seq_len)
+    assert live.tolist() == [True, True, True, False, True]
+    assert a.tolist() == [0, 300, 100, 0, 40] and b.tolist() == [8, 316, 104, 0, 50]  # rows 1, 4 are past their first 16 targets: chunks of 16
+    assert w.tolist() == [0, 284, 100, 0, 24]  # never before the document's start; rows 1, 4: the slot's end (316, 56) - 32
+    longer = tg.chunk_slots(first, torch.tensor([100, 400, 400, 60, 400]), scored_to, live, plan, seq_len)
+    assert longer[0].tolist() == w.tolist() and longer[2].tolist() == [8, 316, 108, 0, 56]  # the windows do not depend on where documents end
+
+
 def _planned_scores(tokens, tables, plan, trace=None):
-    """_lora_ttt_documents under `plan`, every document in one batch: per-target scores."""
+    """LoraTTT under `plan`, every document in one batch: per-target scores."""
     docs = tg.document_spans(tokens)
     recorder = Recorder(len(tokens) - 1)
     acc = tg._Accumulator(torch.device("cpu"), recorder)
     queue = [sorted(docs, key=lambda d: d[0] - d[1])]
     model = _model()
     with tg.frozen_weights(model):
-        tg._lora_ttt_documents(model, tokens, tg.validation_target_bytes(tokens, tables), lambda: queue.pop() if queue else None, _h(lora_ttt_batch_docs=len(docs)), acc, plan)
+        tg.LoraTTT(model, _h(lora_ttt_batch_docs=len(docs)), plan, tokens, tg.validation_target_bytes(tokens, tables)).score(lambda: queue.pop() if queue else None, acc)
     assert int(acc.count) == len(tokens) - 1
     if trace is not None:
         trace.extend(recorder.trace)

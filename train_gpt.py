@@ -1638,7 +1638,7 @@ def training_loss(model: GPT, ids: torch.Tensor, targets: torch.Tensor, h: Hyper
     return loss
 
 
-def train_step(model, optimizers, loader, h, rt, accum, lr_mult, momentum, wd_mult=1.0) -> torch.Tensor:
+def train_step(model, optimizers, loader, h, rt, accum, settings: StepSettings) -> torch.Tensor:
     total = torch.zeros((), device=rt.device)
     for _ in range(accum):
         x, y = loader.next_batch()
@@ -1647,7 +1647,7 @@ def train_step(model, optimizers, loader, h, rt, accum, lr_mult, momentum, wd_mu
         (loss / accum).backward()
         total += loss.detach()
     loader.prefetch()  # the next step's first batch, while the GPU runs this one
-    optimizers.step(lr_mult, momentum, h.grad_clip_norm, wd_mult)
+    optimizers.step(settings.lr_mult, settings.momentum, h.grad_clip_norm, settings.wd_mult)
     return total / accum
 
 
@@ -1667,7 +1667,7 @@ def warm_up(model, optimizers, h, rt, make_loader, log):
         loader.set_seq_len(length, h.train_batch_tokens // (rt.world_size * accum * length))
         model.looping = h.num_loops > 0 and part % 2 == 1
         t0 = time.perf_counter()
-        loss = train_step(model, optimizers, loader, h, rt, accum, 1.0, h.muon_momentum_start)
+        loss = train_step(model, optimizers, loader, h, rt, accum, StepSettings(1.0, h.muon_momentum_start, 1.0, model.looping, length))
         log(f"warmup step {i + 1}/{max(h.warmup_steps, 2 * len(lengths))} length={length} looping={model.looping} loss={loss.item():.4f} {time.perf_counter() - t0:.1f}s")
     model.load_state_dict(saved_model)
     optimizers.load_state_dict(saved_opt)
@@ -1732,7 +1732,7 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
             if settings.looping and not model.looping:
                 log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of training), order {model.cfg.layer_order(True)}")
             model.looping = looping = settings.looping
-            loss = train_step(model, optimizers, loader, h, rt, accum, settings.lr_mult, settings.momentum, settings.wd_mult)
+            loss = train_step(model, optimizers, loader, h, rt, accum, settings)
             ema.update()
             step += 1
             loss_sum = loss if loss_sum is None else loss_sum + loss
@@ -2575,7 +2575,7 @@ def evaluate(model, tokens, target_bytes, seq_len, stride, batch_seqs, rt, ttt: 
         t_scored = time.perf_counter()
         if ttt and ttt.epochs > 0 and c < num_chunks - 1:
             lr = cosine_decay(ttt.lr, c, num_chunks - 1)
-            train_steps += _ttt_train_chunk(model, optimizer, tokens, c * chunk, chunk, seq_len, lr, ttt, rt, observe)
+            train_steps += _ttt_train_chunk(model, optimizer, tokens, c * chunk, seq_len, lr, ttt, rt, observe)
             synchronize(rt.device)
         chunk_seconds.append((t_scored - t_chunk, time.perf_counter() - t_scored))
     nll, nbytes, count, _ = acc.reduced()
@@ -2594,14 +2594,14 @@ def warm_up_windows(model, h: Hyperparameters, device: torch.device):
     synchronize(device)
 
 
-def _ttt_train_chunk(model, optimizer, tokens, first_target, chunk, seq_len, lr, ttt, rt, observe) -> int:
-    """SGD on the chunk's (already scored) targets first_target .. first_target+chunk-1:
+def _ttt_train_chunk(model, optimizer, tokens, first_target, seq_len, lr, ttt, rt, observe) -> int:
+    """SGD on the chunk's (already scored) targets first_target .. + ttt.chunk_tokens - 1:
     ttt.epochs passes in global batches of ttt.batch_seqs sequences split across ranks,
     gradients averaged across ranks and clipped. Returns the number of optimizer steps."""
     for g in optimizer.param_groups:
         g["lr"] = lr
     params = [p for p in model.parameters()]
-    num_seqs = chunk // seq_len
+    num_seqs = ttt.chunk_tokens // seq_len
     per_rank = ttt.batch_seqs // rt.world_size
     for _ in range(ttt.epochs):
         for b in range(0, num_seqs, ttt.batch_seqs):
@@ -3023,7 +3023,7 @@ def global_sgd_phase(model: GPT, tokens: torch.Tensor, docs: list[tuple[int, int
     with eager(model):
         for step in range(num_steps):
             lr = cosine_decay(ttt.lr, step, num_steps)
-            _ttt_train_chunk(model, optimizer, stream, step * ttt.chunk_tokens, ttt.chunk_tokens, h.eval_seq_len, lr, ttt, rt, None)
+            _ttt_train_chunk(model, optimizer, stream, step * ttt.chunk_tokens, h.eval_seq_len, lr, ttt, rt, None)
     return num_steps
 
 

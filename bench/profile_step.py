@@ -116,24 +116,25 @@ def main():
         if not model.token_loss.fused:
             model.token_loss.compile(dynamic=False, fullgraph=True)
     model.looping = looping
+    settings = tg.StepSettings(1.0, 0.95, 1.0, looping, h.train_seq_len)  # a mid-training step's, warm-up aside
     opt = tg.Optimizers(model, h, rt)
     files = tg.find_shards(h, "train")
     loader = tg.TrainLoader(files, h.train_seq_len, 48, 0, 1, h.seed, h.vocab_size, rt.device)
     t0 = time.perf_counter()
     for _ in range(2):
-        tg.train_step(model, opt, loader, h, rt, 8, 1.0, 0.95)
+        tg.train_step(model, opt, loader, h, rt, 8, settings)
     torch.cuda.synchronize()
     print(f"[{mode} looping={looping}] compile + 2 steps: {time.perf_counter() - t0:.1f}s")
     t0 = time.perf_counter()
     for _ in range(3):
-        tg.train_step(model, opt, loader, h, rt, 8, 1.0, 0.95)
+        tg.train_step(model, opt, loader, h, rt, 8, settings)
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / 3
     layers = len(model.layer_order())
     tok_s = h.train_batch_tokens / dt
     print(f"[{mode} looping={looping}] step {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s, MFU {100 * tok_s * tg.flops_per_token(h, layers) / 989e12:.1f}%")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        tg.train_step(model, opt, loader, h, rt, 8, 1.0, 0.95)
+        tg.train_step(model, opt, loader, h, rt, 8, settings)
         torch.cuda.synchronize()
     report(prof, f"[{mode} looping={looping}]", dt)
 

@@ -322,7 +322,7 @@ def _one_step(rank, world_size, seqs):
     clip = opt.grads.clip_
     opt.grads.clip_ = lambda max_norm: (gradients.append(opt.grads.flat.clone()), clip(max_norm))[1]
     share = len(seqs) // world_size
-    tg.train_step(model, opt, FixedBatches(seqs[rank * share : (rank + 1) * share]), h, rt, 1, 1.0, 0.9)
+    tg.train_step(model, opt, FixedBatches(seqs[rank * share : (rank + 1) * share]), h, rt, 1, tg.StepSettings(1.0, 0.9, 1.0, False, h.train_seq_len))
     return gradients[0], {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -347,7 +347,7 @@ def test_warm_up_restores_model_and_optimizer_state(tmp_path, tiny_data):
     _, _, fresh, fresh_opt, _ = _tiny_training(tmp_path, tiny_data)
     fresh.load_state_dict(before)
     for m, o in ((model, opt), (fresh, fresh_opt)):
-        tg.train_step(m, o, make_loader(), h, rt, h.accum_steps(1), 1.0, 0.95)
+        tg.train_step(m, o, make_loader(), h, rt, h.accum_steps(1), tg.StepSettings(1.0, 0.95, 1.0, False, h.train_seq_len))
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
 

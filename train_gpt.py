@@ -758,7 +758,7 @@ def validation_target_bytes(tokens: torch.Tensor, tables: ByteTables, sidecar: t
 # 4. Model: the recurrent transformer and its kernels
 # ---------------------------------------------------------------------------------------------
 # Why the kernels live beside the model: the fused Triton loss and MLP backward, and FA3 or
-# cuDNN attention, are chosen once (configure_kernels) and must give the plain path's numbers;
+# cuDNN attention, are chosen once (choose_kernels) and must give the plain path's numbers;
 # the blocks compile one by one (regional compilation), so every variant compiles in seconds.
 
 
@@ -924,6 +924,22 @@ GATE_INPUTS = 12  # the attention output gate and the SmearGate read the first 1
 LORA_TTT_TARGETS = ("q", "k", "v", "o", "mlp", "head")  # what LoRA TTT can adapt (LORA_TTT_TARGETS picks)
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """How the forward computes, chosen once (choose_kernels) and handed to the model when built:
+    attention kernel, DOC_MASK's masks, Triton loss and MLP backward; each gives the plain numbers."""
+
+    attention: str = "math"
+    masks: str = "dense"
+    fused_loss: bool = False
+    fused_mlp: bool = False
+
+    def eager(self) -> "Kernels":
+        """For one-off passes (calibration, the phases): dense masks (FlexAttention's eager path would
+        hold all B x H x T x T scores), the plain MLP (GPTQ's hooks read its Linear modules' inputs)."""
+        return dataclasses.replace(self, masks="dense", fused_mlp=False)
+
+
 def lora_delta(x: torch.Tensor, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """A LoRA adapter's output for a batch of rows, each with its own adapter:
     x [R, T, in], A [R, in, r], B [R, r, out] (scale folded in) -> x A B [R, T, out]."""
@@ -940,7 +956,6 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.rotary = PartialRotary(cfg.rope_dims, cfg.rope_base, cfg.train_seq_len, cfg.rope_max_len)
-        self.backend = "math"  # set by configure_kernels
         # sparse output gate: head h's output times sigmoid(s W_h x[:GATE_INPUTS]); W = 0 gives 1/2
         self.gate = nn.Parameter(torch.zeros(cfg.num_heads, GATE_INPUTS)) if cfg.attn_gate else None
         self.gate_scale = cfg.attn_gate_scale
@@ -951,9 +966,9 @@ class Attention(nn.Module):
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)]
 
-    def forward(self, x: torch.Tensor, lora: dict | None = None, mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: dict | None = None, mask=None, backend: str = "math") -> torch.Tensor:
         """lora (LoRA TTT only): per-row adapters added to q, k, v and, fed from x, to the output.
-        mask: DOC_MASK's (document_attention_mask), else plain causal attention."""
+        mask: DOC_MASK's (document_attention_mask), else plain causal attention by `backend`."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.num_heads * self.head_dim, *(2 * [self.num_kv_heads * self.head_dim])], dim=-1)
         if lora is not None:  # the adapted ones of q, k, v
@@ -964,7 +979,7 @@ class Attention(nn.Module):
         q, k = rms_norm(q).type_as(v), rms_norm(k).type_as(v)
         q, k = self.rotary(q), self.rotary(k)
         q = q * self.q_gain.to(q.dtype)[:, None]
-        y = exclusive_self_attention(causal_attention(q, k, v, self.backend, mask), v, None if self.xsa_alpha is None else torch.tanh(self.xsa_alpha).to(v.dtype))
+        y = exclusive_self_attention(causal_attention(q, k, v, backend, mask), v, None if self.xsa_alpha is None else torch.tanh(self.xsa_alpha).to(v.dtype))
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate_scale * F.linear(x[..., :GATE_INPUTS], self.gate.to(x.dtype)))[..., None]
         out = self.proj(y.reshape(B, T, self.num_heads * self.head_dim))
@@ -1051,10 +1066,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim, bias=False)
         self.proj = nn.Linear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, bias=False)
-        self.fused = False  # the backward's Triton matmul with the activation's derivative in its epilogue (set by configure_kernels)
 
-    def forward(self, x: torch.Tensor, lora: dict | None = None) -> torch.Tensor:
-        if self.fused:
+    def forward(self, x: torch.Tensor, lora: dict | None = None, fused: bool = False) -> torch.Tensor:
+        """fused: the backward's Triton matmul with the activation's derivative in its epilogue."""
+        if fused:
             out = _FusedMLP.apply(x, self.fc.weight.to(x.dtype), self.proj.weight.to(x.dtype))
         else:
             out = self.proj(F.leaky_relu(self.fc(x), 0.5).square())
@@ -1081,22 +1096,23 @@ class Block(nn.Module):
         self.lane_mix = nn.Parameter(torch.tensor([[1.1, 1.0, 1.0], [1.1, 1.0, 1.0]])) if self.two_lane else None  # per lane: r, p_attn, p_mlp
         self.register_buffer("norm_scale", torch.tensor(1.0 / math.sqrt(layer + 1)), persistent=False)
 
-    def forward(self, x, x0, skip=None, skip_weight=None, skip_gate=None, lane1=None, lora=None, mask=None):
+    def forward(self, x, x0, skip=None, lane1=None, lora=None, mask=None, kernels: Kernels = Kernels()):
         dt = x.dtype  # the residual stream's; the small parameters follow it
-        if skip is not None:  # U-Net skip: lerp towards the weighted encoder activation
-            x = torch.lerp(skip_weight.to(dt) * skip, x, torch.sigmoid(skip_gate).to(dt))
+        if skip is not None:  # U-Net skip (activation, weight, gate): lerp towards the weighted encoder activation
+            skipped, weight, gate = skip
+            x = torch.lerp(weight.to(dt) * skipped, x, torch.sigmoid(gate).to(dt))
         mix, norm_scale = self.resid_mix.to(dt), self.norm_scale.to(dt)
         x = mix[0] * x + mix[1] * x0
         if self.two_lane:  # returns both lanes
-            a = self.attn_scale.to(dt) * self.attn(rms_norm(x) * norm_scale, lora, mask)
-            m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * norm_scale, lora)
+            a = self.attn_scale.to(dt) * self.attn(rms_norm(x) * norm_scale, lora, mask, kernels.attention)
+            m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * norm_scale, lora, kernels.fused_mlp)
             w = self.lane_mix.to(dt)
             return w[0, 0] * x + w[0, 1] * a + w[0, 2] * m, w[1, 0] * lane1 + w[1, 1] * a + w[1, 2] * m
         if self.parallel:
             n = rms_norm(x) * norm_scale
-            return x + self.attn_scale.to(dt) * self.attn(n, lora, mask) + self.mlp_scale.to(dt) * self.mlp(n, lora)
-        x = x + self.attn_scale.to(dt) * self.attn(rms_norm(x) * norm_scale, lora, mask)
-        return x + self.mlp_scale.to(dt) * self.mlp(rms_norm(x) * norm_scale, lora)
+            return x + self.attn_scale.to(dt) * self.attn(n, lora, mask, kernels.attention) + self.mlp_scale.to(dt) * self.mlp(n, lora, kernels.fused_mlp)
+        x = x + self.attn_scale.to(dt) * self.attn(rms_norm(x) * norm_scale, lora, mask, kernels.attention)
+        return x + self.mlp_scale.to(dt) * self.mlp(rms_norm(x) * norm_scale, lora, kernels.fused_mlp)
 
 
 def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
@@ -1138,8 +1154,7 @@ def _launch_softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, s
     losses = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
     _softcap_cross_entropy_kernel[(logits.size(0),)](
         logits, targets, losses, logits.size(1), softcap, grad_scale or 0.0,
-        BLOCK=triton.next_power_of_2(logits.size(1)),  # the whole row in registers
-        WRITE_GRAD=grad_scale is not None,
+        BLOCK=triton.next_power_of_2(logits.size(1)), WRITE_GRAD=grad_scale is not None,  # the whole row in registers
         num_warps=8,  # the fastest of 4/8/16/32 at V=8192 (bench/fused_loss.py)
     )
     return losses
@@ -1165,18 +1180,17 @@ class _FusedSoftcapCrossEntropy(torch.autograd.Function):
 
 
 class SoftcapTokenLoss(nn.Module):
-    """Cross-entropy of tied-embedding logits softcapped at c. `fused` (set by configure_kernels)
+    """Cross-entropy of tied-embedding logits softcapped at c. `fused` (Kernels.fused_loss)
     switches the mean loss and the no-grad per-token losses to the Triton kernel above."""
 
     def __init__(self, softcap: float):
         super().__init__()
         self.softcap = softcap
-        self.fused = False
 
-    def forward(self, hidden, weight, targets, reduction: str = "mean"):
+    def forward(self, hidden, weight, targets, reduction: str = "mean", fused: bool = False):
         hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
         needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-        if self.fused and (reduction == "mean" or not needs_grad):
+        if fused and (reduction == "mean" or not needs_grad):
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             if needs_grad:
@@ -1204,9 +1218,12 @@ class SmearGate(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The model of a ModelConfig, computed by its Kernels; `looping` (depth recurrence) is the
+    forward's default, which training passes per step and evaluation takes from the artifact."""
+
+    def __init__(self, cfg: ModelConfig, kernels: Kernels = Kernels(), looping: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.kernels, self.looping = cfg, kernels, looping
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.smear = SmearGate() if cfg.smear_gate else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
@@ -1214,8 +1231,6 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
         self.token_loss = SoftcapTokenLoss(cfg.logit_softcap)
-        self.looping = False  # depth recurrence on/off (switched during training)
-        self.mask_kind = "dense"  # DOC_MASK's masks (document_attention_mask): set by configure_kernels, "dense" inside eager(model)
         self._init_weights()
 
     @torch.no_grad()
@@ -1230,10 +1245,16 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.proj.weight)
             nn.init.zeros_(block.mlp.proj.weight)
 
+    def using(self, kernels: Kernels | None = None, looping: bool | None = None) -> "GPT":
+        """The same modules and weights (a shallow copy) with other kernels or another looping."""
+        other = copy.copy(self)
+        other.kernels, other.looping = kernels or self.kernels, self.looping if looping is None else looping
+        return other
+
     def layer_order(self) -> list[int]:
         return self.cfg.layer_order(self.looping)
 
-    def hidden_states(self, ids: torch.Tensor, adapters: "DocumentAdapters | None" = None) -> torch.Tensor:
+    def hidden_states(self, ids: torch.Tensor, adapters: "DocumentAdapters | None" = None, looping: bool | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, C]. The first half of the virtual layers push their
         outputs on a stack; the second half pop them as U-Net skips. adapters: LoRA TTT's, one
         set per row and virtual layer. With DOC_MASK every layer's attention stays inside each
@@ -1241,7 +1262,7 @@ class GPT(nn.Module):
         at the start), so they take the plain causal kernel."""
         mask = None
         if self.cfg.doc_mask and adapters is None:
-            mask = document_attention_mask(ids, self.mask_kind)
+            mask = document_attention_mask(ids, self.kernels.masks)
         x = self.tok_emb(ids)
         if self.smear is not None:
             x = self.smear(x, ids)
@@ -1250,78 +1271,68 @@ class GPT(nn.Module):
             # bf16 residual stream: half the bytes in every elementwise pass (+9% tokens/s on H100)
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x0 = x
-        order = self.layer_order()
+        order = self.cfg.layer_order(self.looping if looping is None else looping)
         num_encoder = len(order) // 2
         skips, lane1 = [], None
         for i, layer in enumerate(order):
             block = self.blocks[layer]
-            skip = (skips.pop(), self.skip_weights[i - num_encoder], self.skip_gates[i - num_encoder]) if i >= num_encoder and skips else ()
+            skip = (skips.pop(), self.skip_weights[i - num_encoder], self.skip_gates[i - num_encoder]) if i >= num_encoder and skips else None
             lora = adapters.layer(i) if adapters is not None else None
             if block.two_lane:  # the second lane starts as a copy of the stream
-                x, lane1 = block(x, x0, *skip, lane1=x if lane1 is None else lane1, lora=lora, mask=mask)
+                x, lane1 = block(x, x0, skip, x if lane1 is None else lane1, lora, mask, self.kernels)
             else:
-                x = block(x, x0, *skip, lora=lora, mask=mask)
+                x = block(x, x0, skip, None, lora, mask, self.kernels)
             if i < num_encoder:
                 skips.append(x)
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.token_loss(self.hidden_states(ids), self.tok_emb.weight, targets)
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor, looping: bool | None = None) -> torch.Tensor:
+        return self.mean_loss(self.hidden_states(ids, looping=looping), targets)
+
+    def mean_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.token_loss(hidden, self.tok_emb.weight, targets, "mean", self.kernels.fused_loss)
 
     def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token negative log-likelihood (nats), shaped like targets."""
-        return self.token_loss(hidden, self.tok_emb.weight, targets, "none").view(targets.shape)
+        return self.token_loss(hidden, self.tok_emb.weight, targets, "none", self.kernels.fused_loss).view(targets.shape)
 
 
 @contextlib.contextmanager
 def eager(model: GPT):
-    """Runs the model without its compiled graphs, for one-off passes (calibration, the LoRA TTT
-    phases) that would otherwise compile new variants. DOC_MASK's masks then go to SDPA as dense
-    masks: FlexAttention's eager path would hold all B x H x T x T scores. The MLPs take the plain
-    path, through their Linear modules, whose inputs GPTQ's calibration hooks read."""
-    kind, model.mask_kind = model.mask_kind, "dense"
-    fused = [block.mlp.fused for block in model.blocks]
-    for block in model.blocks:
-        block.mlp.fused = False
-    try:
-        with torch.compiler.set_stance("force_eager"):
-            yield
-    finally:
-        model.mask_kind = kind
-        for block, was_fused in zip(model.blocks, fused):
-            block.mlp.fused = was_fused
+    """The model with Kernels.eager() (the same weights), run without the compiled graphs."""
+    with torch.compiler.set_stance("force_eager"):
+        yield model.using(kernels=model.kernels.eager())
 
 
-def configure_kernels(model: GPT, h: Hyperparameters, device: torch.device) -> str:
-    """Picks the causal attention kernel (auto: FA3 when importable, measured fastest at every use,
-    else cuDNN; or the requested one; with SPEEDUPS, cuDNN reads the grouped K and V directly), DOC_MASK's masked kernel
-    (FA3's varlen kernel with FA3; else FlexAttention with a document block mask on CUDA; SDPA with
-    the dense mask on CPU) and, with SPEEDUPS on a CUDA device with Triton, the fused loss kernel
-    and the MLP backward's fused matmul. Returns a summary for the log."""
-    backend, chosen = h.attention_backend, ""
+def choose_kernels(h: Hyperparameters, device: torch.device) -> Kernels:
+    """The attention kernel (auto: FA3 where it imports, else cuDNN, which without SPEEDUPS reads K and
+    V repeated per head), DOC_MASK's masks (FA3's varlen kernel, else FlexAttention's block mask; the
+    dense mask on CPU) and, with SPEEDUPS on CUDA with Triton, the fused loss and MLP."""
     if device.type != "cuda":
-        backend = "math"
-    elif backend == "auto":
-        # FA3 against cuDNN at each use's shape (bench/attention_backends.py --uses, one H200,
-        # EXPERIMENTS.md): training 2.04 vs 2.29 ms, LoRA TTT rows 2.70 vs 3.03 ms (forward and
-        # backward), evaluation windows 0.32 vs 0.34 ms (forward): FA3 for every use
-        backend = "fa3" if flash_attn_3 is not None else "cudnn"
-        chosen = " for training, LoRA TTT and the evaluation windows (auto: the fastest measured at each)" if backend == "fa3" else " (auto: FlashAttention-3 is not importable)"
-    if backend not in ("fa3", "math"):  # leave SDPA exactly one fused kernel to choose
-        torch.backends.cuda.enable_cudnn_sdp(backend == "cudnn")
-        torch.backends.cuda.enable_flash_sdp(backend == "flash")
-        torch.backends.cuda.enable_mem_efficient_sdp(backend == "efficient")
+        return Kernels()
+    # auto: FA3 against cuDNN at each use (bench/attention_backends.py --uses, one H200): training 2.04
+    # vs 2.29 ms, LoRA TTT rows 2.70 vs 3.03 ms (forward and backward), evaluation windows 0.32 vs 0.34
+    backend = ("fa3" if flash_attn_3 is not None else "cudnn") if h.attention_backend == "auto" else h.attention_backend
     if backend == "cudnn" and not h.speedups:
         backend = "cudnn_repeat_kv"
-    for block in model.blocks:
-        block.attn.backend = backend
-    model.mask_kind = "dense" if device.type != "cuda" else "varlen" if backend == "fa3" and flash_attn_3_varlen is not None else "flex"
-    fused = h.speedups and device.type == "cuda" and triton is not None
-    model.token_loss.fused = fused
-    for block in model.blocks:
-        block.mlp.fused = fused and h.model_dim % 8 == 0  # TMA: rows of 16-byte multiples (bf16)
-    masks = f", document masks {model.mask_kind}" if h.doc_mask else ""
-    return f"attention {backend}{chosen}{masks}, fused loss and MLP {'on' if fused else 'off'}"
+    fused = h.speedups and triton is not None
+    masks = "varlen" if backend == "fa3" and flash_attn_3_varlen is not None else "flex"
+    return Kernels(backend, masks, fused, fused and h.model_dim % 8 == 0)  # TMA: rows of 16-byte multiples (bf16)
+
+
+def use_sdpa_backend(kernels: Kernels):
+    """SDPA's global backend flags, set once at start-up: exactly one fused kernel left to choose."""
+    if kernels.attention.startswith("cudnn") or kernels.attention in ("flash", "efficient"):
+        torch.backends.cuda.enable_cudnn_sdp(kernels.attention.startswith("cudnn"))
+        torch.backends.cuda.enable_flash_sdp(kernels.attention == "flash")
+        torch.backends.cuda.enable_mem_efficient_sdp(kernels.attention == "efficient")
+
+
+def describe_kernels(kernels: Kernels, h: Hyperparameters) -> str:
+    auto = h.attention_backend == "auto" and kernels.attention != "math"
+    chosen = (" for training, LoRA TTT and the evaluation windows (auto: the fastest measured at each)" if kernels.attention == "fa3" else " (auto: FlashAttention-3 is not importable)") if auto else ""
+    masks = f", document masks {kernels.masks}" if h.doc_mask else ""
+    return f"attention {kernels.attention}{chosen}{masks}, fused loss and MLP {'on' if kernels.fused_loss else 'off'}"
 
 
 def compile_model(model: GPT):
@@ -1333,7 +1344,7 @@ def compile_model(model: GPT):
         block.compile(dynamic=False, fullgraph=True)
     if model.smear is not None:  # elementwise passes over the fp32 embeddings: one fused kernel
         model.smear.compile(dynamic=False, fullgraph=True)
-    if not model.token_loss.fused:  # the fused loss is a matmul and one kernel: nothing to fuse
+    if not model.kernels.fused_loss:  # the fused loss is a matmul and one kernel: nothing to fuse
         model.token_loss.compile(dynamic=False, fullgraph=True)
 
 
@@ -1628,11 +1639,11 @@ def simctg_loss(hidden: torch.Tensor, margin: float) -> torch.Tensor:
     return (penalty.sum(dim=(-2, -1)) / (T * (T - 1))).mean()
 
 
-def training_loss(model: GPT, ids: torch.Tensor, targets: torch.Tensor, h: Hyperparameters) -> torch.Tensor:
+def training_loss(model: GPT, ids: torch.Tensor, targets: torch.Tensor, h: Hyperparameters, looping: bool = False) -> torch.Tensor:
     """The objective the optimizer minimises: cross-entropy, plus SIMCTG_WEIGHT x the contrastive
     term if set (training only: evaluation and TTT score cross-entropy)."""
-    hidden = model.hidden_states(ids)
-    loss = model.token_loss(hidden, model.tok_emb.weight, targets)
+    hidden = model.hidden_states(ids, looping=looping)
+    loss = model.mean_loss(hidden, targets)
     if h.simctg_weight > 0:
         loss = loss + h.simctg_weight * simctg_loss(hidden, h.simctg_margin)
     return loss
@@ -1643,7 +1654,7 @@ def train_step(model, optimizers, loader, h, rt, accum, settings: StepSettings) 
     for _ in range(accum):
         x, y = loader.next_batch()
         with autocast(rt.device):
-            loss = training_loss(model, x, y, h)
+            loss = training_loss(model, x, y, h, settings.looping)
         (loss / accum).backward()
         total += loss.detach()
     loader.prefetch()  # the next step's first batch, while the GPU runs this one
@@ -1665,13 +1676,12 @@ def warm_up(model, optimizers, h, rt, make_loader, log):
         part = i * 2 * len(lengths) // max(h.warmup_steps, 2 * len(lengths))  # (length, looping) pairs in turn
         length = lengths[part // 2]
         loader.set_seq_len(length, h.train_batch_tokens // (rt.world_size * accum * length))
-        model.looping = h.num_loops > 0 and part % 2 == 1
+        looping = h.num_loops > 0 and part % 2 == 1
         t0 = time.perf_counter()
-        loss = train_step(model, optimizers, loader, h, rt, accum, StepSettings(1.0, h.muon_momentum_start, 1.0, model.looping, length))
-        log(f"warmup step {i + 1}/{max(h.warmup_steps, 2 * len(lengths))} length={length} looping={model.looping} loss={loss.item():.4f} {time.perf_counter() - t0:.1f}s")
+        loss = train_step(model, optimizers, loader, h, rt, accum, StepSettings(1.0, h.muon_momentum_start, 1.0, looping, length))
+        log(f"warmup step {i + 1}/{max(h.warmup_steps, 2 * len(lengths))} length={length} looping={looping} loss={loss.item():.4f} {time.perf_counter() - t0:.1f}s")
     model.load_state_dict(saved_model)
     optimizers.load_state_dict(saved_opt)
-    model.looping = False
 
 
 TRAIN_LIMIT_SECONDS = 600.0  # the challenge's: everything before the weights are frozen (GPTQ calibration included), on 8xH100
@@ -1702,6 +1712,7 @@ class TrainResult:
     seconds: float
     stop_reason: str
     tokens_per_second: dict
+    looping: bool  # depth recurrence at the last step: the trained model's (the artifact stores it)
 
 
 def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -> TrainResult:
@@ -1715,7 +1726,7 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
     peak = peak_flops(rt.device)
     phase_tokens, phase_seconds = {False: 0, True: 0}, {False: 0.0, True: 0.0}
     step, elapsed, last_step_seconds, loss_sum, window_t, window_steps = 0, 0.0, 0.0, None, 0.0, 0
-    switched_at = None  # progressive context: the step of the last length switch
+    switched_at, looping = None, False  # progressive context: the step of the last length switch
     compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     log(f"training: budget {budget:.1f}s (MAX_WALLCLOCK_SECONDS {h.max_wallclock_seconds} - GPTQ_RESERVE_SECONDS {h.gptq_reserve_seconds}), {tokens_per_step} tokens/step, {accum} micro-steps of {h.train_batch_tokens // (accum * rt.world_size * h.train_seq_len)} sequences per rank")
     t0 = clock()
@@ -1729,9 +1740,9 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
                     settings = step_settings(step, frac, h, switched_at)
                     log(f"step {step}: training length {loader.seq_len} -> {settings.seq_len} at {elapsed:.1f}s ({frac:.0%} of training); LR re-warmed over {h.seq_rewarm_steps} steps")
                 loader.set_seq_len(settings.seq_len, tokens_per_step // (rt.world_size * accum * settings.seq_len))
-            if settings.looping and not model.looping:
+            if settings.looping and not looping:
                 log(f"step {step}: depth recurrence on at {elapsed:.1f}s ({frac:.0%} of training), order {model.cfg.layer_order(True)}")
-            model.looping = looping = settings.looping
+            looping = settings.looping
             loss = train_step(model, optimizers, loader, h, rt, accum, settings)
             ema.update()
             step += 1
@@ -1744,7 +1755,7 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
             window_steps += 1
             if step % h.log_every == 0 or step <= 5:
                 tok_s = window_steps * tokens_per_step / window_t
-                mfu = "" if peak is None else f" mfu {mfu_percent(tok_s, h, len(model.layer_order()), peak, rt.world_size):.1f}%"
+                mfu = "" if peak is None else f" mfu {mfu_percent(tok_s, h, len(model.cfg.layer_order(looping)), peak, rt.world_size):.1f}%"
                 log(f"step {step} loss {loss_sum.item() / window_steps:.4f} lr_mult {settings.lr_mult:.3f} {tok_s:,.0f} tok/s{mfu} (run average {step * tokens_per_step / elapsed:,.0f}) elapsed {elapsed:.1f}s")
                 loss_sum, window_t, window_steps = None, 0.0, 0
     except KeyboardInterrupt:
@@ -1754,14 +1765,14 @@ def train(model, optimizers, ema, loader, h, rt, log, clock=time.perf_counter) -
     if compiled:  # every shape and loop mode should have compiled in the warm-up, before the clock
         log(f"WARNING: {compiled} graphs compiled inside the timed training (a shape the warm-up did not run)")
     rates = {}
-    for looping in (False, True):
-        if phase_seconds[looping] > 0:
-            tok_s = phase_tokens[looping] / phase_seconds[looping]
-            rates["looping" if looping else "before_looping"] = tok_s
-            layers = len(model.cfg.layer_order(looping))
+    for loops in (False, True):
+        if phase_seconds[loops] > 0:
+            tok_s = phase_tokens[loops] / phase_seconds[loops]
+            rates["looping" if loops else "before_looping"] = tok_s
+            layers = len(model.cfg.layer_order(loops))
             mfu = "" if peak is None else f", MFU {mfu_percent(tok_s, h, layers, peak, rt.world_size):.1f}%"
-            log(f"throughput {'with' if looping else 'before'} depth recurrence: {tok_s:,.0f} tok/s ({tok_s / rt.world_size:,.0f} per GPU){mfu}")
-    return TrainResult(step, elapsed, reason, rates)
+            log(f"throughput {'with' if loops else 'before'} depth recurrence: {tok_s:,.0f} tok/s ({tok_s / rt.world_size:,.0f} per GPU){mfu}")
+    return TrainResult(step, elapsed, reason, rates, looping)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1800,12 +1811,12 @@ def collect_hessians(model: GPT, loader: TrainLoader, num_seqs: int, rt: Runtime
             hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: accumulate(name, args[0])))
     local = rank_share(num_seqs, rt)
     try:
-        with eager(model), autocast(rt.device):
+        with eager(model) as plain, autocast(rt.device):
             done = 0
             while done < local:
                 x, _ = loader.next_batch()
                 x = x[: local - done]
-                accumulate("tok_emb.weight", model.hidden_states(x))
+                accumulate("tok_emb.weight", plain.hidden_states(x))
                 done += len(x)
     finally:
         for hook in hooks:
@@ -1992,23 +2003,23 @@ def measure_rounding_damage(model: GPT, qstate: dict, loader: TrainLoader, num_s
         batches.append((x[: local - have], y[: local - have]))
         have += len(batches[-1][0])
 
-    def mean_loss() -> float:
+    def mean_loss(plain: GPT) -> float:
         total = torch.zeros(2, dtype=torch.float64, device=rt.device)
         with autocast(rt.device):  # a fresh context: autocast caches bf16 copies of the weights until it exits
             for x, y in batches:
-                total[0] += model(x, y).double() * y.numel()
+                total[0] += plain(x, y).double() * y.numel()
                 total[1] += y.numel()
         total = all_reduce(total)
         return (total[0] / total[1]).item()
 
     damage = {}
-    with eager(model):
-        base = mean_loss()
+    with eager(model) as plain:
+        base = mean_loss(plain)
         for group, names in quantization_groups(model).items():
             kept = [params[n].detach().clone() for n in names]
             for n in names:
                 params[n].detach().copy_(qstate[n].dequantize())
-            damage[group] = mean_loss() - base
+            damage[group] = mean_loss(plain) - base
             for n, w in zip(names, kept):
                 params[n].detach().copy_(w)
     return damage
@@ -2275,15 +2286,8 @@ class DecodedArtifact:
     seconds: float
 
 
-def decode_artifact(path: Path, h: Hyperparameters) -> DecodedArtifact:
-    t0 = time.perf_counter()
-    data = path.read_bytes()
-    state, looping = unpack_artifact(data, h)
-    return DecodedArtifact(state, looping, len(data), time.perf_counter() - t0)
-
-
 def check_artifact(path: Path, h: Hyperparameters, environ=None) -> tuple[Hyperparameters, DecodedArtifact | None]:
-    """EVAL_ONLY's artifact, read and decoded before any work: a missing, empty, truncated or
+    """An artifact read and decoded (EVAL_ONLY's before any work): a missing, empty, truncated or
     foreign file, or a model setting in the environment unlike the artifact's, is one clear error.
     Returns h with the artifact's model settings (with_artifact_settings) and the decoded artifact
     for the evaluation (None at or over the size limit: the size check refuses it, code counted)."""
@@ -2583,11 +2587,9 @@ def evaluate(model, tokens, target_bytes, seq_len, stride, batch_seqs, rt, ttt: 
 
 
 def warm_up_windows(model, h: Hyperparameters, device: torch.device):
-    """Compiles the plain and sliding evaluations' graphs (batches of EVAL_BATCH_SEQS windows,
-    scoring EVAL_SEQ_LEN or EVAL_STRIDE targets each) on random tokens, never validation tokens;
-    the scores are discarded."""
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, h.vocab_size, (h.eval_seq_len + 1,), generator=g).to(device)
+    """Compiles the plain and sliding evaluations' graphs (batches of EVAL_BATCH_SEQS windows scoring
+    EVAL_SEQ_LEN or EVAL_STRIDE targets each) on random tokens, never validation tokens."""
+    tokens = torch.randint(0, h.vocab_size, (h.eval_seq_len + 1,), generator=torch.Generator().manual_seed(0)).to(device)
     target_bytes = torch.ones(len(tokens), device=device)
     for scored in sorted({h.eval_seq_len, h.eval_stride}):
         _score_windows(model, tokens, [(0, scored)], h.eval_seq_len, h.eval_batch_seqs, target_bytes, _Accumulator(device), device)
@@ -3020,10 +3022,10 @@ def global_sgd_phase(model: GPT, tokens: torch.Tensor, docs: list[tuple[int, int
     ttt = TTTConfig(h.ttt_chunk_tokens, h.lora_ttt_phase_lr, h.ttt_momentum, 1, h.ttt_batch_seqs, h.ttt_grad_clip)
     num_steps = (len(stream) - 1) // ttt.chunk_tokens  # a step reads targets up to its chunk's end: all inside the stream
     optimizer = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum)
-    with eager(model):
+    with eager(model) as plain:
         for step in range(num_steps):
             lr = cosine_decay(ttt.lr, step, num_steps)
-            _ttt_train_chunk(model, optimizer, stream, step * ttt.chunk_tokens, h.eval_seq_len, lr, ttt, rt, None)
+            _ttt_train_chunk(plain, optimizer, stream, step * ttt.chunk_tokens, h.eval_seq_len, lr, ttt, rt, None)
     return num_steps
 
 
@@ -3044,9 +3046,8 @@ def evaluate_lora_ttt(model: GPT, tokens, target_bytes, h: Hyperparameters, rt: 
     LORA_TTT_BATCH_DOCS to whichever rank claims the batch next. The score is causal in this
     queue order (batch number, then position in the batch): a document's score depends only on
     its own prefix and on documents before it in the queue (through the phases and the hints),
-    never on which rank took which batch. LoraTTT scores each document from its own prefix, on
-    the time plan's grid (from the documents' lengths and step_seconds, one chunk's measured time),
-    with the hints of the documents in queue order, built first. With LORA_TTT_PHASES, at each
+    never on which rank took which batch. LoraTTT scores each document on the time plan's grid
+    (step_seconds: one chunk's measured time), with hints built first in queue order. At each
     phase boundary every rank stops claiming and finishes its documents, and all ranks train all
     weights on every document of the batches before it (all scored by then); the weights are
     restored at the end. observe (_Accumulator) also hears ("train", document, first, end) and
@@ -3105,13 +3106,11 @@ def warm_up_lora_ttt(model: GPT, h: Hyperparameters, device: torch.device) -> fl
     validation tokens; the scores are discarded). A second, compiled pass is timed: half of it is
     the step time the time plan projects with (two chunks with a step and one without)."""
     length = 3 * h.lora_ttt_chunk_tokens
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, h.vocab_size, (h.lora_ttt_batch_docs * length + 1,), generator=g)
+    tokens = torch.randint(0, h.vocab_size, (h.lora_ttt_batch_docs * length + 1,), generator=torch.Generator().manual_seed(0))
     tokens[tokens == BOS_ID] = BOS_ID + 1
     tokens[::length] = BOS_ID
     on_device, target_bytes = tokens.to(device), torch.ones(len(tokens), device=device)
     plan = ChunkPlan.of(h)
-    seconds = 0.0
     for _ in range(2):  # the copies are made once, outside the timed pass
         batches = [[(d * length, (d + 1) * length) for d in range(h.lora_ttt_batch_docs)]]
         synchronize(device)
@@ -3139,12 +3138,13 @@ def log_environment(h: Hyperparameters, rt: Runtime, log: Logger):
     log(f"environment: python {platform.python_version()}, torch {torch.__version__}, cuda {torch.version.cuda}, gpu {gpu} x{rt.world_size}, flash_attn_3 {'yes' if flash_attn_3 else 'no'}, triton {triton.__version__ if triton else 'no'}")
 
 
-def build_model(h: Hyperparameters, rt: Runtime, log: Logger) -> GPT:
-    model = GPT(h.model_config()).to(rt.device)
-    kernels = configure_kernels(model, h, rt.device)
+def build_model(h: Hyperparameters, rt: Runtime, log: Logger, looping: bool = False) -> GPT:
+    kernels = choose_kernels(h, rt.device)
+    use_sdpa_backend(kernels)
+    model = GPT(h.model_config(), kernels, looping).to(rt.device)
     if h.compile:
         compile_model(model)
-    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {kernels}, compile {h.compile}")
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {describe_kernels(kernels, h)}, compile {h.compile}")
     return model
 
 
@@ -3193,6 +3193,7 @@ def train_and_pack(h: Hyperparameters, rt: Runtime, log: Logger, timer: StageTim
     ema = WeightEMA(list(model.parameters()), h.ema_decay, h.ema_power)
     clock = time.perf_counter()
     result = train(model, optimizers, ema, make_loader(), h, rt, log)
+    model = model.using(looping=result.looping)  # the trained model, as the artifact will store it
     raw_weights = ema.swap_in()
     hessians = collect_hessians(model, make_loader(seed_offset=1), h.gptq_calib_seqs, rt)
     multipliers = allocate_quantization_steps(model, hessians, make_loader(seed_offset=2), h, rt, log) if h.quant_alloc_seqs else None
@@ -3229,8 +3230,7 @@ class EvaluationReport:
 
 
 def load_artifact_model(decoded: DecodedArtifact, h: Hyperparameters, rt: Runtime, log: Logger) -> GPT:
-    model = build_model(h, rt, log)
-    model.looping = decoded.looping
+    model = build_model(h, rt, log, decoded.looping)
     model.load_state_dict(decoded.state)
     return model
 
@@ -3478,7 +3478,7 @@ def run(h: Hyperparameters, rt: Runtime, log: Logger, files: RunFiles, decoded: 
     total = check_artifact_size(weight_bytes, code)
     clock = time.perf_counter() - (decoded.seconds if decoded is not None else 0.0)  # EVAL_ONLY's decode, done before, counts
     with timer("load_artifact"):
-        model = load_artifact_model(decoded or decode_artifact(files.artifact, h), h, rt, log)
+        model = load_artifact_model(decoded or check_artifact(files.artifact, h)[1], h, rt, log)
     evaluation = run_evaluations(model, data, h, rt, log, timer, clock)
     summary = Summary(identity, training, dict(weights=weight_bytes, code=code, total=total), evaluation, timer.seconds)
     if rt.is_main:

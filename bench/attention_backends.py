@@ -34,8 +34,7 @@ def time_backend(backend, B=48, T=2048, H=8, Hkv=4, D=64, iters=20, ids=None, ba
     if backend == "fa3" and tg.flash_attn_3 is None:
         return None
     if backend != "flex":
-        model = tg.GPT(tg.Hyperparameters(attention_backend=backend, num_layers=1).model_config()).cuda()
-        tg.configure_kernels(model, tg.Hyperparameters(attention_backend=backend), torch.device("cuda"))
+        tg.use_sdpa_backend(tg.choose_kernels(tg.Hyperparameters(attention_backend=backend), torch.device("cuda")))
     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)

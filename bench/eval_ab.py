@@ -143,7 +143,7 @@ def main(argv=None):
     results: dict[str, dict[str, dict]] = {}
     for path, (_, decoded) in zip(args.artifact, checked):
         t0 = time.perf_counter()
-        model.looping = decoded.looping
+        model = model.using(looping=decoded.looping)
         model.load_state_dict(decoded.state)
         tg.warm_up_windows(model, h, rt.device)
         plain = tg.evaluate(model, val, target_bytes, h.eval_seq_len, None, h.eval_batch_seqs, rt)

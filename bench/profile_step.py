@@ -99,13 +99,14 @@ def main():
     torch.cuda.set_device(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     h.validate(1)
-    model = tg.GPT(h.model_config()).cuda()
-    tg.configure_kernels(model, h, rt.device)
+    kernels = tg.choose_kernels(h, rt.device)
+    tg.use_sdpa_backend(kernels)
+    model = tg.GPT(h.model_config(), kernels, looping).cuda()
     if mode.startswith("regional") and "autotune" in opts:
         torch._dynamo.config.cache_size_limit = 64
         for block in model.blocks:
             block.compile(dynamic=False, fullgraph=True, mode="max-autotune-no-cudagraphs")
-        if not model.token_loss.fused:  # as compile_model: the fused loss is not compiled
+        if not kernels.fused_loss:  # as compile_model: the fused loss is not compiled
             model.token_loss.compile(dynamic=False, fullgraph=True, mode="max-autotune-no-cudagraphs")
         mode += "+autotune"
     elif mode.startswith("regional"):
@@ -113,9 +114,8 @@ def main():
     else:  # the training loss calls hidden_states: compiling forward would leave the training step eager
         torch._dynamo.config.cache_size_limit = 64
         model.hidden_states = torch.compile(model.hidden_states, dynamic=False, fullgraph=True)
-        if not model.token_loss.fused:
+        if not kernels.fused_loss:
             model.token_loss.compile(dynamic=False, fullgraph=True)
-    model.looping = looping
     settings = tg.StepSettings(1.0, 0.95, 1.0, looping, h.train_seq_len)  # a mid-training step's, warm-up aside
     opt = tg.Optimizers(model, h, rt)
     files = tg.find_shards(h, "train")

@@ -58,9 +58,8 @@ def main():
     rt = tg.Runtime(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     log = tg.Logger(None)
     ckpt = torch.load(sys.argv[1], map_location=rt.device)
-    model = tg.build_model(h, rt, log)
+    model = tg.build_model(h, rt, log, ckpt["looping"])
     model.load_state_dict(ckpt["state_dict"])
-    model.looping = ckpt["looping"]
     sp = tg.load_tokenizer(tg.tokenizer_path(h), h.vocab_size)
     val_files = tg.find_shards(h, "val")
     val = tg.load_validation_tokens(val_files, h.eval_seq_len, h.vocab_size)
@@ -86,8 +85,8 @@ def main():
         multipliers = tg.allocate_quantization_steps(model, hessians, make_loader(2), hv, rt, log) if hv.quant_alloc_seqs else None
         blob = tg.build_artifact(model, hessians, multipliers, code, hv, rt, log, tg.StageTimer(log, rt.device))
         seconds = time.perf_counter() - t0
-        evaluator = tg.build_model(hv, rt, log)
-        state, evaluator.looping = tg.unpack_artifact(blob, hv)
+        state, looping = tg.unpack_artifact(blob, hv)
+        evaluator = tg.build_model(hv, rt, log, looping)
         evaluator.load_state_dict(state)
         bpb = score(evaluator)
         first = bpb if first is None else first

@@ -42,9 +42,8 @@ def main():
     rt = tg.Runtime(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = torch.load(sys.argv[1], map_location=rt.device)
     log = tg.Logger(None)
-    model = tg.build_model(h, rt, log)
+    model = tg.build_model(h, rt, log, ckpt["looping"])
     model.load_state_dict(ckpt["state_dict"])
-    model.looping = ckpt["looping"]
     sp = tg.load_tokenizer(tg.tokenizer_path(h), h.vocab_size)
     tables = tg.build_byte_tables(sp)
     val = tg.load_validation_tokens(tg.find_shards(h, "val"), h.eval_seq_len, h.vocab_size)
@@ -62,8 +61,7 @@ def main():
         return tg.TrainLoader(files, h.train_seq_len, h.train_batch_tokens // (8 * h.train_seq_len), 0, 1, h.seed + seed_offset, h.vocab_size, rt.device)
 
     hessians = {n: tg.collect_hessians(model, make_loader(1), n, rt) for n in (64, 256)}
-    evaluator = tg.build_model(h, rt, log)
-    evaluator.looping = model.looping
+    evaluator = tg.build_model(h, rt, log, model.looping)
     original = model.state_dict()
 
     def dequantized(q):

@@ -19,8 +19,7 @@ def timing_artifact(h: tg.Hyperparameters) -> bytes:
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"))
     log = tg.Logger(None)
     torch.manual_seed(0)
-    model = tg.GPT(h.model_config())
-    model.looping = True  # a trained model loops: time the forward it runs
+    model = tg.GPT(h.model_config(), looping=True)  # a trained model loops: time the forward it runs
     state = model.state_dict()
     hessians = {name: torch.eye(state[name].shape[1]) for name in tg.quantized_matrices(model)}
     return tg.build_artifact(model, hessians, None, 0, h, rt, log, tg.StageTimer(log, rt.device))

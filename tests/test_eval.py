@@ -25,7 +25,7 @@ def _model(seed=0):
     model = tg.GPT(h.model_config())
     for p in model.parameters():
         p.data.normal_(0, 0.15)
-    model.looping = True
+    model = model.using(looping=True)
     return model
 
 
@@ -205,7 +205,7 @@ def test_with_doc_mask_a_document_changes_no_score_of_another(tiny_data, cpu_run
         model = tg.GPT(tiny_hyperparameters(eval_seq_len=SEQ, doc_mask=doc_mask).model_config())
         for p in model.parameters():
             p.data.normal_(0, 0.15)
-        model.looping = True
+        model = model.using(looping=True)
         return _evaluate(model, toks, tables, "sliding", cpu_runtime, return_token_nll=True).token_nll
 
     masked, masked_changed = scores(True, tokens), scores(True, changed)

@@ -54,10 +54,12 @@ def test_fa3_kernel_matches_sdpa_forward_and_gradients(doc_mask):
 def _compiled_model(backend: str, doc_mask: bool):
     h = fa3_hyperparameters(attention_backend=backend, doc_mask=doc_mask, compile=True)
     torch.manual_seed(0)
-    model = tg.GPT(h.model_config()).cuda()
+    kernels = tg.choose_kernels(h, torch.device("cuda"))
+    tg.use_sdpa_backend(kernels)
+    model = tg.GPT(h.model_config(), kernels).cuda()
     for p in model.parameters():  # the zero-initialised projections would hide the blocks
         p.data.add_(torch.randn_like(p) * 0.02)
-    summary = tg.configure_kernels(model, h, torch.device("cuda"))
+    summary = tg.describe_kernels(kernels, h)
     torch._dynamo.reset()
     tg.compile_model(model)  # fullgraph=True: a graph break raises instead of splitting the block
     return model, h, summary
@@ -74,8 +76,8 @@ def test_fa3_in_compiled_blocks_trains_like_cudnn(doc_mask):
         model, h, summary = _compiled_model(backend, doc_mask)
         assert f"attention {backend}" in summary
         if doc_mask:
-            assert model.mask_kind == ("varlen" if backend == "fa3" else "flex")
-        model.looping = True
+            assert model.kernels.masks == ("varlen" if backend == "fa3" else "flex")
+        model = model.using(looping=True)
         torch._dynamo.utils.counters.clear()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = tg.training_loss(model, ids[:, :-1], ids[:, 1:], h)
@@ -101,7 +103,7 @@ def test_lora_ttt_rows_and_sliding_eval_through_fa3_match_cudnn():
     scores = {}
     for backend in ("fa3", "cudnn"):
         model, h, _ = _compiled_model(backend, False)
-        model.looping = True
+        model = model.using(looping=True)
         lora = tg.evaluate_lora_ttt(model, tokens, target_bytes, h, rt)
         sliding = tg.evaluate(model, tokens, target_bytes, h.eval_seq_len, h.eval_stride, h.eval_batch_seqs, rt)
         assert lora.tokens == sliding.tokens == len(tokens) - 1

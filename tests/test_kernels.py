@@ -4,6 +4,7 @@ On the GPU they run for real; on a CPU with Triton installed the kernel logic ru
 interpreter (a subprocess, since the interpreter is chosen at import); without Triton they skip.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -40,13 +41,12 @@ def loss_and_grads(loss_module, hidden, weight, targets):
     return loss.detach(), hidden.grad, weight.grad
 
 
-def test_configure_kernels_keeps_the_plain_path_on_cpu():
-    model = tg.GPT(tiny_hyperparameters().model_config())
-    summary = tg.configure_kernels(model, tiny_hyperparameters(speedups=True), torch.device("cpu"))
-    assert not model.token_loss.fused and not any(block.mlp.fused for block in model.blocks)
-    assert summary == "attention math, fused loss and MLP off"
-    summary = tg.configure_kernels(model, tiny_hyperparameters(doc_mask=True), torch.device("cpu"))
-    assert model.mask_kind == "dense" and summary == "attention math, document masks dense, fused loss and MLP off"
+def test_choose_kernels_keeps_the_plain_path_on_cpu():
+    kernels = tg.choose_kernels(tiny_hyperparameters(speedups=True), torch.device("cpu"))
+    assert kernels == tg.Kernels("math", "dense", False, False)
+    assert tg.describe_kernels(kernels, tiny_hyperparameters(speedups=True)) == "attention math, fused loss and MLP off"
+    kernels = tg.choose_kernels(tiny_hyperparameters(doc_mask=True), torch.device("cpu"))
+    assert kernels.masks == "dense" and tg.describe_kernels(kernels, tiny_hyperparameters(doc_mask=True)) == "attention math, document masks dense, fused loss and MLP off"
 
 
 @pytest.mark.skipif(tg.triton is None, reason="Triton is not installed")
@@ -55,10 +55,9 @@ def test_fused_loss_kernel_in_triton_interpreter():
     for a vocabulary that is not a power of two, targets at both ends and saturating logits."""
     run_in_triton_interpreter(
         """
-        import torch, train_gpt as tg
+        import functools, torch, train_gpt as tg
         torch.manual_seed(0)
-        plain, fused = tg.SoftcapTokenLoss(5.0), tg.SoftcapTokenLoss(5.0)
-        fused.fused = True
+        plain, fused = tg.SoftcapTokenLoss(5.0), functools.partial(tg.SoftcapTokenLoss(5.0), fused=True)
         hidden, weight = torch.randn(40, 16) * 3, torch.randn(300, 16) * 2
         targets = torch.randint(0, 300, (40,))
         targets[:2] = torch.tensor([0, 299])
@@ -134,8 +133,7 @@ def test_fused_mlp_matches_plain_path_on_gpu(tokens):
 @pytest.mark.parametrize("vocab", [8192, 1000])
 def test_fused_loss_matches_plain_path_on_gpu(vocab):
     torch.manual_seed(vocab)
-    plain, fused = tg.SoftcapTokenLoss(30.0), tg.SoftcapTokenLoss(30.0)
-    fused.fused = True
+    plain, fused = tg.SoftcapTokenLoss(30.0), functools.partial(tg.SoftcapTokenLoss(30.0), fused=True)
     hidden = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(vocab, 512, device="cuda") * 0.2  # logits up to ~±40: the cap matters
     targets = torch.randint(0, vocab, (4, 256), device="cuda")
@@ -173,11 +171,11 @@ def test_training_step_with_and_without_speedups_agree_on_gpu():
     results = []
     for speedups in (False, True):
         torch.manual_seed(0)
-        model = tg.GPT(h.model_config()).cuda()
+        kernels = tg.choose_kernels(tiny_hyperparameters(speedups=speedups), torch.device("cuda"))
+        model = tg.GPT(h.model_config(), kernels).cuda()
         for p in model.parameters():  # the zero-initialised projections would hide the blocks
             p.data.add_(torch.randn_like(p) * 0.02)
-        tg.configure_kernels(model, tiny_hyperparameters(speedups=speedups), torch.device("cuda"))
-        assert model.token_loss.fused == speedups
+        assert model.kernels.fused_loss == speedups
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(ids[:, :-1], ids[:, 1:])
         loss.backward()
@@ -189,7 +187,7 @@ def test_training_step_with_and_without_speedups_agree_on_gpu():
 
 @pytest.fixture
 def sdpa_flags():
-    """configure_kernels sets SDPA's global backend flags, which the CPU's SDPA reads too: restored."""
+    """use_sdpa_backend sets SDPA's global backend flags, which the CPU's SDPA reads too: restored."""
     cuda = torch.backends.cuda
     saved = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
     yield
@@ -200,12 +198,19 @@ def sdpa_flags():
 def test_auto_attention_takes_fa3_for_every_use_where_it_imports(monkeypatch, sdpa_flags):
     """ATTENTION_BACKEND=auto follows the measured table (FA3 fastest at the training, LoRA TTT
     and evaluation shapes) and says so in the log; without FA3 it takes cuDNN and says why."""
-    model = tg.GPT(tiny_hyperparameters().model_config())
+    cuda = torch.device("cuda")
+
+    def summary(h):
+        kernels = tg.choose_kernels(h, cuda)
+        tg.use_sdpa_backend(kernels)
+        return kernels, tg.describe_kernels(kernels, h)
+
     monkeypatch.setattr(tg, "flash_attn_3", object())
-    summary = tg.configure_kernels(model, tiny_hyperparameters(), torch.device("cuda"))
-    assert summary.startswith("attention fa3 for training, LoRA TTT and the evaluation windows (auto: the fastest measured at each)")
-    assert all(block.attn.backend == "fa3" for block in model.blocks)
+    kernels, said = summary(tiny_hyperparameters())
+    assert said.startswith("attention fa3 for training, LoRA TTT and the evaluation windows (auto: the fastest measured at each)")
+    assert kernels.attention == "fa3"
     monkeypatch.setattr(tg, "flash_attn_3", None)
-    summary = tg.configure_kernels(model, tiny_hyperparameters(speedups=False), torch.device("cuda"))
-    assert summary.startswith("attention cudnn_repeat_kv (auto: FlashAttention-3 is not importable)")
-    assert tg.configure_kernels(model, tiny_hyperparameters(attention_backend="cudnn"), torch.device("cuda")).startswith("attention cudnn,")
+    kernels, said = summary(tiny_hyperparameters(speedups=False))
+    assert said.startswith("attention cudnn_repeat_kv (auto: FlashAttention-3 is not importable)")
+    assert torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    assert summary(tiny_hyperparameters(attention_backend="cudnn"))[1].startswith("attention cudnn,")

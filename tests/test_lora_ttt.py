@@ -91,7 +91,7 @@ def test_a_wider_lora_window_scores_from_that_much_prefix_with_extrapolated_rope
     model = tg.GPT(h.model_config()).double()
     for p in model.parameters():
         p.data.normal_(0, 0.15)
-    model.looping = True
+    model = model.using(looping=True)
     rotary = model.blocks[0].attn.rotary
     assert rotary.tables.size(1) == wide and torch.equal(rotary.tables.float(), tg.rotary_tables(h.rope_dims, h.rope_base, wide, wide))
     assert not torch.allclose(rotary.tables.float(), tg.rotary_tables(h.rope_dims, h.rope_base, wide, h.train_seq_len))  # not the NTK-rescaled ones

@@ -33,13 +33,13 @@ def test_model_runs_the_order_its_looping_flag_selects():
     model = tg.GPT(h.model_config())
     calls = []
     for i, block in enumerate(model.blocks):
-        block.register_forward_pre_hook(lambda m, args, i=i: calls.append((i, len(args) > 2)))
+        block.register_forward_pre_hook(lambda m, args, i=i: calls.append((i, args[2] is not None)))
     ids = torch.randint(0, h.vocab_size, (2, 16))
     model.hidden_states(ids)
     assert [i for i, _ in calls] == [0, 1, 2, 3]
     assert [skip for _, skip in calls] == [False, False, True, True]  # 2 encoder layers push, 2 decoder pop
     calls.clear()
-    model.looping = True
+    model = model.using(looping=True)
     model.hidden_states(ids)
     assert [i for i, _ in calls] == [0, 1, 2, 1, 2, 3]
     assert [skip for _, skip in calls] == [False] * 3 + [True] * 3
@@ -172,7 +172,7 @@ def test_skip_connection_lerps_towards_weighted_encoder_output():
     x, x0, skip = (torch.randn(1, 4, h.model_dim, dtype=torch.float64) for _ in range(3))
     w, g = torch.randn(h.model_dim, dtype=torch.float64), torch.randn(h.model_dim, dtype=torch.float64)
     gate = torch.sigmoid(g)
-    assert torch.allclose(block(x, x0, skip, w, g), block(gate * x + (1 - gate) * w * skip, x0))
+    assert torch.allclose(block(x, x0, (skip, w, g)), block(gate * x + (1 - gate) * w * skip, x0))
 
 
 def test_init_and_layer_roles():
@@ -209,7 +209,7 @@ def test_model_is_causal():
     model = tg.GPT(h.model_config())
     for p in model.parameters():
         p.data.normal_(0, 0.2)
-    model.looping = True
+    model = model.using(looping=True)
     ids = torch.randint(0, h.vocab_size, (1, 20))
     changed = ids.clone()
     changed[0, 12:] = (changed[0, 12:] + 1) % h.vocab_size
@@ -317,7 +317,7 @@ def test_two_lane_model_reduces_to_the_one_stream_model(looping):
     lanes = _randomised(tg.GPT(tiny_hyperparameters(lanes_from_layer=3).model_config()))
     plain = tg.GPT(tiny_hyperparameters(lanes_from_layer=0).model_config()).double()
     state = {k: v for k, v in lanes.state_dict().items() if "lane_mix" not in k}
-    lanes.looping = plain.looping = looping
+    lanes, plain = lanes.using(looping=looping), plain.using(looping=looping)
     ids = torch.randint(0, 64, (2, 16))
     for lane_mix, zeroed in (([[1, 1, 0], [0, 0, 0]], "mlp_scale"), ([[0, 0, 0], [1, 0, 1]], "attn_scale")):
         lanes.blocks[3].lane_mix.data = torch.tensor(lane_mix, dtype=torch.float64)
@@ -344,8 +344,8 @@ def test_lanes_carry_from_one_two_lane_block_to_the_next():
     x0 = tg.rms_norm(model.smear(model.tok_emb(ids), ids))
     x1 = b[0](x0, x0)
     x2 = b[1](x1, x0)
-    x3 = b[2](x2, x0, x2, model.skip_weights[0], model.skip_gates[0])
-    lane0, lane1 = b[3](x3, x0, x1, model.skip_weights[1], model.skip_gates[1], lane1=x3)
+    x3 = b[2](x2, x0, (x2, model.skip_weights[0], model.skip_gates[0]))
+    lane0, lane1 = b[3](x3, x0, (x1, model.skip_weights[1], model.skip_gates[1]), lane1=x3)
     lane0, lane1 = b[4](lane0, x0, lane1=lane1)
     assert torch.allclose(model.hidden_states(ids), tg.rms_norm(0.5 * (lane0 + lane1)))
 
@@ -356,7 +356,7 @@ def _masked_model(doc_mask: bool):
     model = tg.GPT(h.model_config()).double()
     for p in model.parameters():
         p.data.normal_(0, 0.2)
-    model.looping = True
+    model = model.using(looping=True)
     return model
 
 
@@ -427,10 +427,10 @@ def test_fa3_varlen_segments_equal_the_dense_mask(monkeypatch):
     q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
     expected = tg.causal_attention(q, k, v, "math", tg.document_attention_mask(ids, "dense"))
     torch.testing.assert_close(tg.causal_attention(q, k, v, "fa3", segments), expected, rtol=1e-5, atol=1e-5)
-    model = tg.GPT(tiny_hyperparameters(doc_mask=True).model_config())
     monkeypatch.setattr(tg, "flash_attn_3", object())  # FA3 importable: its varlen kernel does the masking
-    assert "document masks varlen" in tg.configure_kernels(model, tiny_hyperparameters(doc_mask=True), torch.device("cuda"))
-    assert model.mask_kind == "varlen" and model.blocks[0].attn.backend == "fa3"
+    kernels = tg.choose_kernels(tiny_hyperparameters(doc_mask=True), torch.device("cuda"))
+    assert "document masks varlen" in tg.describe_kernels(kernels, tiny_hyperparameters(doc_mask=True))
+    assert kernels.masks == "varlen" and kernels.attention == "fa3"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on CUDA")
@@ -452,24 +452,20 @@ def test_flex_document_mask_gradients_on_gpu():
 def test_eager_passes_use_dense_document_masks_and_the_plain_mlp(monkeypatch):
     """Calibration and the LoRA TTT phases run eagerly (eager(model)); there DOC_MASK's mask is
     dense, for SDPA, even where the compiled blocks use FlexAttention, whose eager path would
-    hold every score (on CPU it has no backward at all, which makes the difference visible)."""
-    model = _masked_model(True).float()
-    model.mask_kind = "flex"
+    hold every score (on CPU it has no backward at all, which makes the difference visible),
+    and the MLP the plain one; the model's own kernels stay as they were (a value)."""
+    model = _masked_model(True).float().using(kernels=tg.Kernels(masks="flex", fused_mlp=True))  # as on a GPU
     ids = torch.randint(2, 200, (2, 256))
     ids[:, 100] = tg.BOS_ID
     seen = []
     original = tg.causal_attention
     monkeypatch.setattr(tg, "causal_attention", lambda q, k, v, backend, mask=None: seen.append(type(mask)) or original(q, k, v, backend, mask))
-    for block in model.blocks:  # as configure_kernels sets them on a GPU
-        block.mlp.fused = True
-    with tg.eager(model):
-        assert not any(block.mlp.fused for block in model.blocks)  # the plain MLP, for the calibration hooks
-        model.hidden_states(ids).sum().backward()  # FlexAttention would raise here
-    assert model.mask_kind == "flex" and all(block.mlp.fused for block in model.blocks)  # restored after the eager pass
-    for block in model.blocks:  # the fused kernels need a GPU
-        block.mlp.fused = False
+    with tg.eager(model) as plain:
+        assert plain.kernels == tg.Kernels(masks="dense", fused_mlp=False)  # the plain MLP, for the calibration hooks
+        plain.hidden_states(ids).sum().backward()  # FlexAttention would raise here
+    assert model.kernels == tg.Kernels(masks="flex", fused_mlp=True)
     with torch.no_grad():
-        model.hidden_states(ids)
+        model.using(kernels=tg.Kernels(masks="flex")).hidden_states(ids)  # the fused kernels need a GPU
     layers = len(model.layer_order())
     assert seen == [torch.Tensor] * layers + [tg.BlockMask] * layers
 
@@ -491,3 +487,22 @@ def test_the_model_is_built_from_its_model_config_alone():
     ids, targets = torch.randint(0, h.vocab_size, (2, 16)), torch.randint(0, h.vocab_size, (2, 16))
     assert torch.equal(models[0](ids, targets), models[1](ids, targets))
     assert not any(isinstance(v, tg.Hyperparameters) for m in models[0].modules() for v in vars(m).values())
+
+
+def test_two_models_with_different_kernels_and_looping_work_side_by_side():
+    """Kernels and looping are values the model is built with (or a view of it is): a view with
+    other kernels shares the weights, leaves the model as it was, and both compute in one
+    process; no module keeps a kernel switch of its own that something outside could write."""
+    model = _masked_model(True).float()  # looping on, DOC_MASK
+    dense = model.using(kernels=tg.Kernels(masks="dense"))
+    unlooped = model.using(looping=False)
+    assert dense.kernels == tg.Kernels() and model.kernels == tg.Kernels() and model.looping and not unlooped.looping
+    assert all(a is b for a, b in zip(model.parameters(), unlooped.parameters()))
+    ids = torch.randint(2, 200, (2, 64))
+    ids[:, 30] = tg.BOS_ID
+    with torch.no_grad():
+        looped, plain = model.hidden_states(ids), unlooped.hidden_states(ids)
+        assert torch.equal(plain, model.hidden_states(ids, looping=False))  # the forward argument overrides the default
+        assert torch.equal(looped, dense.hidden_states(ids)) and not torch.allclose(looped, plain)
+    switches = {"backend", "fused", "mask_kind"}
+    assert not any(switches & set(vars(m)) for m in model.modules())

@@ -180,7 +180,7 @@ def _damage_setup(tiny_data, rank=0, world_size=1):
     root, _ = tiny_data
     h = tiny_hyperparameters(data_dir=str(root))
     model, hessians = _tiny_model_and_hessians(h)
-    model.looping = True
+    model = model.using(looping=True)
     rt = tg.Runtime(rank, world_size, 0, torch.device("cpu"))
     loader = tg.TrainLoader(tg.find_shards(h, "train"), h.train_seq_len, 3, rank, world_size, 5, h.vocab_size, rt.device)
     return h, model, hessians, rt, loader
@@ -223,7 +223,7 @@ def test_calibration_hessians_are_x_transpose_x_of_training_batches(tiny_data, c
     root, _ = tiny_data
     h = tiny_hyperparameters(data_dir=str(root))
     model = tg.GPT(h.model_config())
-    model.looping = True
+    model = model.using(looping=True)
     files = tg.find_shards(h, "train")
     loader = lambda: tg.TrainLoader(files, h.train_seq_len, 3, 0, 1, 7, h.vocab_size, cpu_runtime.device)
     hessians = tg.collect_hessians(model, loader(), num_seqs=5, rt=cpu_runtime)
@@ -250,7 +250,7 @@ def test_calibration_refuses_a_matrix_whose_module_was_bypassed(tiny_data, cpu_r
     h = tiny_hyperparameters(data_dir=str(root))
     model = tg.GPT(h.model_config())
     loader = tg.TrainLoader(tg.find_shards(h, "train"), h.train_seq_len, 3, 0, 1, 7, h.vocab_size, cpu_runtime.device)
-    monkeypatch.setattr(tg.MLP, "forward", lambda self, x, lora=None: self.proj(F.leaky_relu(F.linear(x, self.fc.weight), 0.5).square()))
+    monkeypatch.setattr(tg.MLP, "forward", lambda self, x, lora=None, fused=False: self.proj(F.leaky_relu(F.linear(x, self.fc.weight), 0.5).square()))
     with pytest.raises(RuntimeError, match=r"no input reached \['blocks.0.mlp.fc.weight'"):
         tg.collect_hessians(model, loader, num_seqs=2, rt=cpu_runtime)
 

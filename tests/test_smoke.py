@@ -125,9 +125,8 @@ def test_checkpoint_holds_the_unquantized_final_weights(smoke_run):
     cwd, root, proc = smoke_run
     ckpt = torch.load(cwd / "final.pt")
     h = tg.Hyperparameters.from_env({**TINY_ENV, "DATA_DIR": str(root)})
-    model = tg.GPT(h.model_config())
+    model = tg.GPT(h.model_config(), looping=ckpt["looping"])
     model.load_state_dict(ckpt["state_dict"])
-    model.looping = ckpt["looping"]
     assert model.looping == ("depth recurrence on" in proc.stdout)
     tokens = tg.load_validation_tokens(tg.find_shards(h, "val"), h.eval_seq_len, h.vocab_size)
     tables = tg.build_byte_tables(tg.load_tokenizer(tg.tokenizer_path(h), h.vocab_size))
@@ -249,7 +248,7 @@ def test_the_summary_writes_submission_json_and_the_closing_lines_from_one_objec
     """submission.json and the log's last lines come from one Summary: the same final score,
     artifact size and times; the stages in the order they ran; the challenge's limits."""
     ema, quantized, lora = (tg.EvalResult(nll * 1000, 1000 / 0.9 * 1.2, 900, 2.0) for nll in (0.81, 0.82, 0.78))
-    training = tg.TrainingReport(tg.TrainResult(12, 3.0, "iterations", dict(before_looping=1000.0)), 3.5, dict(ema=ema))
+    training = tg.TrainingReport(tg.TrainResult(12, 3.0, "iterations", dict(before_looping=1000.0), False), 3.5, dict(ema=ema))
     evaluation = tg.EvaluationReport(dict(quantized=quantized, lora_ttt=lora), "lora_ttt", 9.25, 7.5)
     summary = tg.Summary(dict(run_id="r", seed=1), training, dict(weights=900, code=100, total=1000), evaluation, dict(load_artifact=0.5))
     files = tg.RunFiles.of(tg.Hyperparameters(out_dir=str(tmp_path), run_id="r"))

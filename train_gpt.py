@@ -590,8 +590,7 @@ class TrainLoader:
 
     Each epoch cuts every span into sequences of seq_len+1 tokens at a random phase and
     visits all of them in one random order (equivalent to drawing across spans in
-    proportion to what remains). Deterministic given the seed and rank; memory-mapped.
-    """
+    proportion to what remains). Deterministic given the seed and rank; memory-mapped."""
 
     def __init__(self, files, seq_len, batch_seqs, rank, world_size, seed, vocab_size, device):
         plan = rank_spans(files, rank, world_size)
@@ -1418,8 +1417,7 @@ class Muon:
 
     Matrices of the same shape form a bank and are orthogonalised together in one batched
     Newton-Schulz call. Each rank computes the updates of its share of every bank; one
-    all-gather per bank gives every rank all updates.
-    """
+    all-gather per bank gives every rank all updates."""
 
     def __init__(self, matrices: list[tuple[nn.Parameter, slice]], lr, weight_decay, ns_steps, rank, world_size, ns_coefficients="quintic"):
         self.lr, self.weight_decay, self.ns_steps, self.momentum = lr, weight_decay, ns_steps, 0.0
@@ -1602,8 +1600,7 @@ class WeightEMA:
 
     Until the cap binds this is exactly the average of all iterates weighted by step^power
     (Karras et al. 2024, power-function EMA), so the initial weights never dominate a short
-    run, which a fixed decay of 0.9965 does for the first ~thousand steps.
-    """
+    run, which a fixed decay of 0.9965 does for the first ~thousand steps."""
 
     def __init__(self, params: list[nn.Parameter], decay: float, power: float):
         self.params, self.decay, self.power, self.steps = params, decay, power, 0
@@ -2495,6 +2492,7 @@ def window_plan(num_targets: int, seq_len: int, stride: int | None) -> list[tupl
 
 @dataclass
 class TTTConfig:
+    seq_len: int  # of the training sequences
     chunk_tokens: int
     lr: float
     momentum: float
@@ -2547,15 +2545,17 @@ def _score_windows(model, tokens, windows, seq_len, batch_seqs, target_bytes, ac
             acc.observe("window", start + seq_len - scored, start + seq_len, scores=nll[row])
 
 
-def evaluate(model, tokens, target_bytes, seq_len, stride, batch_seqs, rt, ttt: TTTConfig | None = None, observe=None) -> EvalResult:
-    """Scores every validation target exactly once, from its prefix only.
+Windows = NamedTuple("Windows", [("seq_len", int), ("stride", "int | None"), ("batch_seqs", int)])  # an evaluation's windows
 
-    stride None: non-overlapping windows. With a stride: sliding windows. With ttt, windows are
-    grouped into chunks of ttt.chunk_tokens targets; each chunk is first scored under no_grad
-    and counted, then (except the last) the model trains on that chunk's tokens, so training
-    only ever sees tokens whose scores are already in the total. observe (see _Accumulator)
-    also hears ("score", first_target, end_target) per chunk and ("train", first, last) per step.
-    """
+
+def evaluate(model, tokens, target_bytes, spec: Windows, rt, ttt: TTTConfig | None = None, observe=None) -> EvalResult:
+    """Scores every validation target exactly once, from its prefix only, in windows of
+    spec.seq_len, spec.batch_seqs at a time. stride None: non-overlapping windows; else sliding
+    windows. With ttt, windows are grouped into chunks of ttt.chunk_tokens targets; each chunk is
+    first scored under no_grad and counted, then (except the last) the model trains on that
+    chunk's tokens, so training only ever sees tokens whose scores are already in the total.
+    observe (_Accumulator) also hears ("score", first, end) per chunk, ("train", first, last) per step."""
+    seq_len, stride, batch_seqs = spec
     t0 = time.perf_counter()
     num_targets = len(tokens) - 1
     windows = window_plan(num_targets, seq_len, stride)
@@ -2579,7 +2579,7 @@ def evaluate(model, tokens, target_bytes, seq_len, stride, batch_seqs, rt, ttt: 
         t_scored = time.perf_counter()
         if ttt and ttt.epochs > 0 and c < num_chunks - 1:
             lr = cosine_decay(ttt.lr, c, num_chunks - 1)
-            train_steps += _ttt_train_chunk(model, optimizer, tokens, c * chunk, seq_len, lr, ttt, rt, observe)
+            train_steps += _ttt_train_chunk(model, optimizer, tokens, c * chunk, lr, ttt, rt, observe)
             synchronize(rt.device)
         chunk_seconds.append((t_scored - t_chunk, time.perf_counter() - t_scored))
     nll, nbytes, count, _ = acc.reduced()
@@ -2596,14 +2596,14 @@ def warm_up_windows(model, h: Hyperparameters, device: torch.device):
     synchronize(device)
 
 
-def _ttt_train_chunk(model, optimizer, tokens, first_target, seq_len, lr, ttt, rt, observe) -> int:
+def _ttt_train_chunk(model, optimizer, tokens, first_target, lr, ttt: TTTConfig, rt, observe) -> int:
     """SGD on the chunk's (already scored) targets first_target .. + ttt.chunk_tokens - 1:
     ttt.epochs passes in global batches of ttt.batch_seqs sequences split across ranks,
     gradients averaged across ranks and clipped. Returns the number of optimizer steps."""
     for g in optimizer.param_groups:
         g["lr"] = lr
     params = [p for p in model.parameters()]
-    num_seqs = ttt.chunk_tokens // seq_len
+    seq_len, num_seqs = ttt.seq_len, ttt.chunk_tokens // ttt.seq_len
     per_rank = ttt.batch_seqs // rt.world_size
     for _ in range(ttt.epochs):
         for b in range(0, num_seqs, ttt.batch_seqs):
@@ -3019,13 +3019,13 @@ def global_sgd_phase(model: GPT, tokens: torch.Tensor, docs: list[tuple[int, int
     over the phase, TTT_MOMENTUM; a remainder shorter than a step is left out. Eager, so the
     evaluation's compiled graphs stay the only ones. Returns the number of steps."""
     stream = torch.cat([tokens[first:end] for first, end in docs])
-    ttt = TTTConfig(h.ttt_chunk_tokens, h.lora_ttt_phase_lr, h.ttt_momentum, 1, h.ttt_batch_seqs, h.ttt_grad_clip)
+    ttt = TTTConfig(h.eval_seq_len, h.ttt_chunk_tokens, h.lora_ttt_phase_lr, h.ttt_momentum, 1, h.ttt_batch_seqs, h.ttt_grad_clip)
     num_steps = (len(stream) - 1) // ttt.chunk_tokens  # a step reads targets up to its chunk's end: all inside the stream
     optimizer = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum)
     with eager(model) as plain:
         for step in range(num_steps):
             lr = cosine_decay(ttt.lr, step, num_steps)
-            _ttt_train_chunk(plain, optimizer, stream, step * ttt.chunk_tokens, h.eval_seq_len, lr, ttt, rt, None)
+            _ttt_train_chunk(plain, optimizer, stream, step * ttt.chunk_tokens, lr, ttt, rt, None)
     return num_steps
 
 
@@ -3206,7 +3206,7 @@ def train_and_pack(h: Hyperparameters, rt: Runtime, log: Logger, timer: StageTim
     for label, weights in (("raw", raw_weights), ("ema", ema.shadow)):  # the EMA weights stay loaded
         torch._foreach_copy_([p.detach() for p in model.parameters()], weights)
         with timer(f"eval_{label}"):
-            results[label] = r = evaluate(model, data.val_tokens, data.target_bytes, h.eval_seq_len, None, h.eval_batch_seqs, rt)
+            results[label] = r = evaluate(model, data.val_tokens, data.target_bytes, Windows(h.eval_seq_len, None, h.eval_batch_seqs), rt)
         log(f"eval {label}: val_loss {r.loss:.5f} val_bpb {r.bpb:.5f}")
     if files.checkpoint is not None and rt.is_main:  # the unquantized final weights, for quantization studies
         torch.save({"state_dict": model.state_dict(), "looping": model.looping}, files.checkpoint)
@@ -3248,7 +3248,7 @@ def run_evaluations(model, data: RunData, h, rt, log, timer, clock: float) -> Ev
     val_tokens, target_bytes, results = data.val_tokens, data.target_bytes, {}
 
     def windows(stride, ttt=None):
-        return lambda: evaluate(model, val_tokens, target_bytes, h.eval_seq_len, stride, h.eval_batch_seqs, rt, ttt)
+        return lambda: evaluate(model, val_tokens, target_bytes, Windows(h.eval_seq_len, stride, h.eval_batch_seqs), rt, ttt)
 
     with timer("compile_eval"):
         warm_up_windows(model, h, rt.device)
@@ -3260,7 +3260,7 @@ def run_evaluations(model, data: RunData, h, rt, log, timer, clock: float) -> Ev
     if h.sliding_eval:
         stages.append(("sliding", windows(h.eval_stride)))
     if h.ttt_enabled:
-        stages.append(("ttt", windows(h.eval_stride, TTTConfig(h.ttt_chunk_tokens, h.ttt_lr, h.ttt_momentum, h.ttt_epochs, h.ttt_batch_seqs, h.ttt_grad_clip))))
+        stages.append(("ttt", windows(h.eval_stride, TTTConfig(h.eval_seq_len, h.ttt_chunk_tokens, h.ttt_lr, h.ttt_momentum, h.ttt_epochs, h.ttt_batch_seqs, h.ttt_grad_clip))))
     final = next(name for name in FINAL_SCORE_STAGES if name in dict(stages))
     first_scored = time.perf_counter()
     for name, score in stages:

@@ -146,7 +146,7 @@ def main(argv=None):
         model = model.using(looping=decoded.looping)
         model.load_state_dict(decoded.state)
         tg.warm_up_windows(model, h, rt.device)
-        plain = tg.evaluate(model, val, target_bytes, h.eval_seq_len, None, h.eval_batch_seqs, rt)
+        plain = tg.evaluate(model, val, target_bytes, tg.Windows(h.eval_seq_len, None, h.eval_batch_seqs), rt)
         say(f"\n{path}: quantized val_bpb {plain.bpb:.5f} (whole set; load and compile {time.perf_counter() - t0:.0f}s)", flush=True)
         say(f"{'variant':14s} {'lora_ttt':>9s} {'vs first':>9s} {'untilted':>9s} {'vs first':>9s} {'seconds':>8s} {'warm-up':>8s}", flush=True)
         rows, compiled = {}, set()

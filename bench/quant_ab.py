@@ -68,7 +68,7 @@ def main():
     code = len(tg.counted_code(h, log, None))
 
     def score(m) -> float:
-        return tg.evaluate(m, val, target_bytes, h.eval_seq_len, None, h.eval_batch_seqs, rt).bpb
+        return tg.evaluate(m, val, target_bytes, tg.Windows(h.eval_seq_len, None, h.eval_batch_seqs), rt).bpb
 
     unquantized = score(model)
     print(f"unquantized (the checkpoint): val_bpb {unquantized:.5f}; code {code:,} bytes", flush=True)

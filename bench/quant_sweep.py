@@ -52,7 +52,7 @@ def main():
     train_stretch = torch.from_numpy(shard[-(len(val)) :].astype("int64"))  # same size as val
 
     def bpb(m, tokens):
-        return tg.evaluate(m, tokens, tg.validation_target_bytes(tokens, tables), h.eval_seq_len, None, h.eval_batch_seqs, rt).bpb
+        return tg.evaluate(m, tokens, tg.validation_target_bytes(tokens, tables), tg.Windows(h.eval_seq_len, None, h.eval_batch_seqs), rt).bpb
 
     base, base_train = bpb(model, val), bpb(model, train_stretch)
     print(f"unquantized: val_bpb {base:.5f}, train-stretch bpb {base_train:.5f}")

@@ -15,7 +15,7 @@ SEQ, STRIDE, CHUNK = 32, 8, 128
 MODES = {
     "plain": dict(stride=None, ttt=None),
     "sliding": dict(stride=STRIDE, ttt=None),
-    "ttt": dict(stride=STRIDE, ttt=tg.TTTConfig(chunk_tokens=CHUNK, lr=0.05, momentum=0.9, epochs=2, batch_seqs=2, grad_clip=1.0)),
+    "ttt": dict(stride=STRIDE, ttt=tg.TTTConfig(seq_len=SEQ, chunk_tokens=CHUNK, lr=0.05, momentum=0.9, epochs=2, batch_seqs=2, grad_clip=1.0)),
 }
 
 
@@ -62,7 +62,7 @@ def assert_causal_in_order(score, tokens, units):
 
 
 def _evaluate(model, tokens, tables, mode, rt, **kw):
-    return observed(tg.evaluate, tokens, model, tokens, tg.validation_target_bytes(tokens, tables), SEQ, MODES[mode]["stride"], 4, rt, MODES[mode]["ttt"], **kw)
+    return observed(tg.evaluate, tokens, model, tokens, tg.validation_target_bytes(tokens, tables), tg.Windows(SEQ, MODES[mode]["stride"], 4), rt, MODES[mode]["ttt"], **kw)
 
 
 def test_window_plans_cover_every_target_once():
@@ -150,8 +150,8 @@ def test_ttt_changes_later_chunks_only(tiny_data, cpu_runtime):
 def test_ttt_with_zero_epochs_equals_sliding_exactly(tiny_data, cpu_runtime):
     tokens, tables = _stream(tiny_data)
     sliding = _evaluate(_model(), tokens, tables, "sliding", cpu_runtime)
-    cfg = tg.TTTConfig(chunk_tokens=CHUNK, lr=0.05, momentum=0.9, epochs=0, batch_seqs=2, grad_clip=1.0)
-    ttt = tg.evaluate(_model(), tokens, tg.validation_target_bytes(tokens, tables), SEQ, STRIDE, 4, cpu_runtime, cfg)
+    cfg = tg.TTTConfig(seq_len=SEQ, chunk_tokens=CHUNK, lr=0.05, momentum=0.9, epochs=0, batch_seqs=2, grad_clip=1.0)
+    ttt = tg.evaluate(_model(), tokens, tg.validation_target_bytes(tokens, tables), tg.Windows(SEQ, STRIDE, 4), cpu_runtime, cfg)
     assert (ttt.nll_sum, ttt.byte_sum, ttt.tokens) == (sliding.nll_sum, sliding.byte_sum, sliding.tokens)
 
 
@@ -187,9 +187,9 @@ def test_bpb_from_a_byte_sidecar_equals_bpb_from_the_tokenizer_counts(tiny_data,
     tokens, tables = _stream(tiny_data)
     per_token = torch.cat([torch.zeros(1, dtype=torch.long), tables.target_bytes(tokens[:-1], tokens[1:])])
     from_tables = _evaluate(_model(), tokens, tables, mode, cpu_runtime)
-    from_sidecar = tg.evaluate(_model(), tokens, tg.validation_target_bytes(tokens, None, per_token), SEQ, MODES[mode]["stride"], 4, cpu_runtime)
+    from_sidecar = tg.evaluate(_model(), tokens, tg.validation_target_bytes(tokens, None, per_token), tg.Windows(SEQ, MODES[mode]["stride"], 4), cpu_runtime)
     assert from_sidecar.byte_sum == from_tables.byte_sum and from_sidecar.bpb == from_tables.bpb
-    shifted = tg.evaluate(_model(), tokens, tg.validation_target_bytes(tokens, None, per_token.roll(1)), SEQ, MODES[mode]["stride"], 4, cpu_runtime)
+    shifted = tg.evaluate(_model(), tokens, tg.validation_target_bytes(tokens, None, per_token.roll(1)), tg.Windows(SEQ, MODES[mode]["stride"], 4), cpu_runtime)
     assert shifted.byte_sum != from_tables.byte_sum  # the counts really come from the sidecar
 
 
@@ -230,6 +230,6 @@ def test_window_warm_up_runs_every_shape_of_the_plain_and_sliding_passes(tiny_da
     tg.warm_up_windows(model, h, cpu_runtime.device)
     phase = "eval"
     for stride in (None, STRIDE):
-        tg.evaluate(model, tokens, tg.validation_target_bytes(tokens, tables), SEQ, stride, 4, cpu_runtime)
+        tg.evaluate(model, tokens, tg.validation_target_bytes(tokens, tables), tg.Windows(SEQ, stride, 4), cpu_runtime)
     assert shapes["warm"] == shapes["eval"] and len(shapes["eval"]) == 3  # blocks [4, SEQ]; head with SEQ and STRIDE targets
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -105,7 +105,7 @@ def test_lora_ttt_rows_and_sliding_eval_through_fa3_match_cudnn():
         model, h, _ = _compiled_model(backend, False)
         model = model.using(looping=True)
         lora = tg.evaluate_lora_ttt(model, tokens, target_bytes, h, rt)
-        sliding = tg.evaluate(model, tokens, target_bytes, h.eval_seq_len, h.eval_stride, h.eval_batch_seqs, rt)
+        sliding = tg.evaluate(model, tokens, target_bytes, tg.Windows(h.eval_seq_len, h.eval_stride, h.eval_batch_seqs), rt)
         assert lora.tokens == sliding.tokens == len(tokens) - 1
         scores[backend] = (lora.bpb, sliding.bpb)
     for fa3, cudnn in zip(scores["fa3"], scores["cudnn"]):

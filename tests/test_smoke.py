@@ -131,7 +131,7 @@ def test_checkpoint_holds_the_unquantized_final_weights(smoke_run):
     tokens = tg.load_validation_tokens(tg.find_shards(h, "val"), h.eval_seq_len, h.vocab_size)
     tables = tg.build_byte_tables(tg.load_tokenizer(tg.tokenizer_path(h), h.vocab_size))
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"))
-    bpb = tg.evaluate(model, tokens, tg.validation_target_bytes(tokens, tables), h.eval_seq_len, None, h.eval_batch_seqs, rt).bpb
+    bpb = tg.evaluate(model, tokens, tg.validation_target_bytes(tokens, tables), tg.Windows(h.eval_seq_len, None, h.eval_batch_seqs), rt).bpb
     logged = {label: float(re.search(rf"eval {label}: val_loss \S+ val_bpb (\S+)", proc.stdout).group(1)) for label in ("raw", "ema")}
     assert abs(logged["raw"] - logged["ema"]) > 1e-3  # the two are told apart
     assert bpb == pytest.approx(logged["ema"], abs=2e-5)

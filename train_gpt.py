@@ -1250,8 +1250,8 @@ class GPT(nn.Module):
         other.kernels, other.looping = kernels or self.kernels, self.looping if looping is None else looping
         return other
 
-    def layer_order(self) -> list[int]:
-        return self.cfg.layer_order(self.looping)
+    def layer_order(self, looping: bool | None = None) -> list[int]:
+        return self.cfg.layer_order(self.looping if looping is None else looping)
 
     def hidden_states(self, ids: torch.Tensor, adapters: "DocumentAdapters | None" = None, looping: bool | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, C]. The first half of the virtual layers push their
@@ -1270,7 +1270,7 @@ class GPT(nn.Module):
             # bf16 residual stream: half the bytes in every elementwise pass (+9% tokens/s on H100)
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x0 = x
-        order = self.cfg.layer_order(self.looping if looping is None else looping)
+        order = self.layer_order(looping)
         num_encoder = len(order) // 2
         skips, lane1 = [], None
         for i, layer in enumerate(order):
@@ -1320,7 +1320,7 @@ def choose_kernels(h: Hyperparameters, device: torch.device) -> Kernels:
 
 
 def use_sdpa_backend(kernels: Kernels):
-    """SDPA's global backend flags, set once at start-up: exactly one fused kernel left to choose."""
+    """SDPA's process-wide backend flags (build_model sets them): one fused kernel left to choose."""
     if kernels.attention.startswith("cudnn") or kernels.attention in ("flash", "efficient"):
         torch.backends.cuda.enable_cudnn_sdp(kernels.attention.startswith("cudnn"))
         torch.backends.cuda.enable_flash_sdp(kernels.attention == "flash")
